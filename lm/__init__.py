@@ -1,0 +1,3 @@
+"""lm: word-level LSTM language models: train, evaluate, generate, autocomplete."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""Typed configuration: the only place defaults live.
+
+Each section is a dataclass; CLI flags are derived from its fields (``emb_dim`` ->
+``--emb-dim``), an optional TOML config file sits between the defaults and the flags,
+and every value is checked by ``validate()`` so that absurd values fail early with a
+message instead of deep inside torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lm.errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its CLI help text attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = opt("word", "word: one token per whitespace-separated word (benchmark streams)")
+    vocab_size: int = opt(0, "cap the vocabulary at this many entries; 0 keeps every training word")
+    min_count: int = opt(1, "words seen fewer times than this in training map to <unk>")
+
+    def validate(self) -> None:
+        _choice("kind", self.kind, ("word",))
+        _at_least("vocab_size", self.vocab_size, 0)
+        if 0 < self.vocab_size < 3:
+            raise ConfigError("--vocab-size must be 0 (no cap) or at least 3")
+        _at_least("min_count", self.min_count, 1)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = opt("wikitext-2", "registered corpus name (lm corpus list), a directory or a text file")
+    batch_size: int = opt(32, "parallel lanes B per training step")
+    bptt: int = opt(35, "truncated-BPTT window T, in tokens")
+    eval_batch_size: int = opt(10, "lanes for evaluation; 1 is the exact reference setting")
+
+    def validate(self) -> None:
+        if not self.corpus.strip():
+            raise ConfigError("--corpus is empty: give a corpus name (see `lm corpus list`) or a path")
+        _between("batch_size", self.batch_size, 1, 65536)
+        _between("bptt", self.bptt, 1, 100000)
+        _between("eval_batch_size", self.eval_batch_size, 1, 65536)
+
+
+@dataclass
+class ModelConfig:
+    emb_dim: int = opt(256, "embedding size (also the last LSTM layer's size when tied)")
+    hidden_dim: int = opt(256, "LSTM hidden size of every layer but the last when tied")
+    n_layers: int = opt(2, "stacked LSTM layers")
+    dropout: float = opt(0.2, "dropout on embeddings, between layers and on the output")
+    tie_weights: bool = opt(True, "share the embedding matrix with the output layer")
+    head: str = opt("adaptive", "output head: adaptive (fast, exact) or full softmax")
+    cutoffs: list[int] = opt([2000, 10000], "adaptive head cluster boundaries (word ids, frequency order)")
+
+    def validate(self) -> None:
+        _between("emb_dim", self.emb_dim, 1, 65536)
+        _between("hidden_dim", self.hidden_dim, 1, 65536)
+        _between("n_layers", self.n_layers, 1, 64)
+        _between("dropout", self.dropout, 0.0, 0.99)
+        _choice("head", self.head, ("adaptive", "full"))
+        if any(c <= 0 for c in self.cutoffs) or list(self.cutoffs) != sorted(set(self.cutoffs)):
+            raise ConfigError(f"--cutoffs must be increasing positive word ids, got {self.cutoffs}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "passes over the training split")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
+    max_minutes: float = opt(12.0, "stop (and keep the best checkpoint) after this much training; 0 = no limit")
+    lr: float = opt(20.0, "initial SGD learning rate")
+    lr_decay: float = opt(0.25, "multiply the learning rate by this when validation stops improving")
+    min_lr: float = opt(0.01, "stop early once a decay would go below this learning rate")
+    clip: float = opt(0.25, "clip the global gradient norm to this; 0 disables")
+    seed: int = opt(1111, "random seed for initialisation, dropout and data order")
+    log_every: int = opt(100, "steps between progress-bar metric refreshes")
+    threads: int = opt(0, "torch intra-op threads; 0 = one per physical core")
+    device: str = opt("cpu", "cpu, cuda or auto")
+
+    def validate(self) -> None:
+        _between("epochs", self.epochs, 1, 100000)
+        _at_least("max_steps", self.max_steps, 0)
+        _between("max_minutes", self.max_minutes, 0.0, 1e6)
+        _between("lr", self.lr, 1e-9, 1e4, low_open=False)
+        _between("lr_decay", self.lr_decay, 1e-6, 1.0)
+        _between("min_lr", self.min_lr, 0.0, 1e4)
+        _between("clip", self.clip, 0.0, 1e6)
+        _between("log_every", self.log_every, 1, 10**9)
+        _between("threads", self.threads, 0, 1024)
+        _choice("device", self.device, ("cpu", "cuda", "auto"))
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = opt(1.0, "softmax temperature; 0 = greedy")
+    top_k: int = opt(0, "sample among the k most likely words; 0 = all")
+    top_p: float = opt(1.0, "nucleus sampling: smallest set with this much probability")
+    seed: int = opt(0, "random seed; the same seed gives the same text")
+
+    def validate(self) -> None:
+        _between("temperature", self.temperature, 0.0, 100.0)
+        _at_least("top_k", self.top_k, 0)
+        _between("top_p", self.top_p, 1e-6, 1.0)
+
+
+@dataclass
+class Config:
+    """Everything a training run needs; stored resolved in every checkpoint."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.tokenizer, self.data, self.model, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        return cls(**{name: _section_from_dict(make(), d.get(name, {}), name)
+                      for name, make in sections.items()})
+
+
+def _section_from_dict(section: Any, values: dict, name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(section)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(section, **values)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML config file as data (never executed)."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Flags derived from dataclass fields.
+
+def add_flags(parser: argparse.ArgumentParser, section_cls: type, dest_prefix: str) -> None:
+    """Add one ``--kebab-name`` flag per field of ``section_cls``; defaults stay None so
+    that only flags the user actually typed override config-file and dataclass values."""
+    hints = typing.get_type_hints(section_cls)
+    group = parser.add_argument_group(dest_prefix)
+    for f in dataclasses.fields(section_cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = dict(dest=f"{dest_prefix}.{f.name}", default=None,
+                                  help=f"{f.metadata.get('help', '')} (default: {_show(default)})")
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kw["type"] = _int_list
+            kw["metavar"] = "N,N,..."
+        else:
+            kw["type"] = _finite if tp is float else tp
+            kw["metavar"] = f.name.split("_")[-1].upper()
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """{section: {field: value}} for every flag given on the command line."""
+    out: dict[str, dict] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(*layers: dict) -> dict:
+    """Merge {section: {field: value}} dicts, later layers winning."""
+    out: dict[str, dict] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config entry {section!r} must be a [section] table")
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _finite(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{_flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{_flag(name)} must be a number >= {low}, got {value!r}")
+
+
+def _between(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (low_open and value == low):
+        raise ConfigError(f"{_flag(name)} must be between {low} and {high}, got {value!r}")

@@ -1,0 +1,239 @@
+"""Text sources: named corpora from the registry, local files and folders, hub datasets.
+
+A corpus yields lines of text per split (``train``, ``valid``, ``test``) and never
+tensors. Named corpora live in ``corpora/NAME.toml`` and resolve, in order, to a local
+mirror directory (``$LM_CORPORA/<mirror>``, then ``corpora/<mirror>``) holding
+``{train,valid,test}.txt``, or to the Hugging Face hub through ``datasets`` (streamed).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
+_SPLIT_NAMES = {  # file names accepted in a corpus directory, per split
+    "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt"),
+    "valid": ("valid.txt", "validation.txt", "wiki.valid.tokens", "ptb.valid.txt"),
+    "test": ("test.txt", "wiki.test.tokens", "ptb.test.txt"),
+}
+
+
+def registry_dirs() -> list[Path]:
+    """Where corpus entries are looked up: ./corpora, then the source checkout's."""
+    dirs = [Path.cwd() / "corpora", Path(__file__).resolve().parent.parent / "corpora"]
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def registry() -> dict[str, dict]:
+    """All registered corpora: name -> entry (the parsed TOML)."""
+    entries: dict[str, dict] = {}
+    for d in reversed(registry_dirs()):  # ./corpora wins over the checkout's
+        for f in sorted(d.glob("*.toml")):
+            try:
+                entries[f.stem] = tomllib.loads(f.read_text(encoding="utf-8")) | {"_file": str(f)}
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"corpus registry entry {f} is not valid TOML: {e}") from None
+    return dict(sorted(entries.items()))
+
+
+def mirror_dirs() -> list[Path]:
+    out = []
+    if os.environ.get("LM_CORPORA"):
+        out.append(Path(os.environ["LM_CORPORA"]).expanduser())
+    out.extend(d for d in registry_dirs())
+    return out
+
+
+@dataclass
+class Corpus:
+    """A named source of lines per split."""
+
+    name: str
+    where: str  # human-readable origin, for messages and `corpus info`
+    expected: dict = field(default_factory=dict)  # registry's standard counts, if any
+
+    def lines(self, split: str) -> Iterator[str]:
+        raise NotImplementedError
+
+    def fingerprint(self, split: str) -> str:
+        """Content hash of a split, for caches keyed on content rather than paths."""
+        raise NotImplementedError
+
+
+class SplitFiles(Corpus):
+    """One text file per split."""
+
+    def __init__(self, name: str, files: dict[str, Path], where: str, expected: dict | None = None):
+        super().__init__(name, where, expected or {})
+        self.files = files
+
+    def lines(self, split: str) -> Iterator[str]:
+        yield from _read_lines(self.files[split])
+
+    def fingerprint(self, split: str) -> str:
+        return _hash_files([self.files[split]])
+
+
+class HeldOutFiles(Corpus):
+    """Files with no split of their own: their lines in order, the last ``HELD_OUT``
+    fraction becoming test and the fraction before it valid (contiguous blocks, so that
+    no held-out sentence has its neighbours in training)."""
+
+    def __init__(self, name: str, files: list[Path], where: str):
+        super().__init__(name, where)
+        self.files = files
+        n = sum(_count_lines(f) for f in files)
+        if n < 3:
+            raise DataError(f"{where} has {n} line(s): a corpus with no valid/test files needs "
+                            "at least 3 lines to hold some out (or give a directory with "
+                            "train.txt, valid.txt and test.txt)")
+        held = max(1, int(n * HELD_OUT))
+        self.bounds = {"train": (0, n - 2 * held), "valid": (n - 2 * held, n - held), "test": (n - held, n)}
+
+    def lines(self, split: str) -> Iterator[str]:
+        lo, hi = self.bounds[split]
+        i = 0
+        for f in self.files:
+            for line in _read_lines(f):
+                if i >= hi:
+                    return
+                if i >= lo:
+                    yield line
+                i += 1
+
+    def fingerprint(self, split: str) -> str:
+        return _hash_files(self.files) + f"-{self.bounds[split][0]}-{self.bounds[split][1]}"
+
+
+class HubCorpus(Corpus):
+    """A Hugging Face hub dataset read with ``streaming=True`` (needs internet)."""
+
+    def __init__(self, name: str, hub: dict, expected: dict | None = None):
+        where = f"hub:{hub['path']}" + (f"/{hub['name']}" if hub.get("name") else "")
+        super().__init__(name, where, expected or {})
+        self.hub = hub
+
+    def lines(self, split: str) -> Iterator[str]:
+        try:
+            import datasets  # imported here: training from local files never needs it
+        except ImportError:
+            raise DataError("reading from the Hugging Face hub needs `pip install datasets`") from None
+        column = self.hub.get("text_column", "text")
+        try:
+            ds = datasets.load_dataset(self.hub["path"], self.hub.get("name"),
+                                       split=self.hub.get("splits", {}).get(split, split),
+                                       streaming=True)
+            for row in ds:
+                text = row[column]
+                yield from (text[:-1] if text.endswith("\n") else text).split("\n")
+        except DataError:
+            raise
+        except Exception as e:  # network, auth, missing dataset: all end the same way
+            raise DataError(f"could not read {self.where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"with no internet, set LM_CORPORA to a directory holding "
+                            f"{self.name}/train.txt, valid.txt and test.txt") from None
+
+    def fingerprint(self, split: str) -> str:
+        h = hashlib.sha256(repr(sorted(self.hub.items())).encode()).hexdigest()[:16]
+        return f"{h}-{split}"
+
+
+def open_corpus(spec: str) -> Corpus:
+    """A corpus from a registered name, a directory, a file or a glob."""
+    entries = registry()
+    if spec in entries:
+        return _from_entry(spec, entries[spec])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = {s: _find_split(path, s) for s in SPLITS}
+        if files["train"]:
+            missing = [s for s in SPLITS if not files[s]]
+            if missing:
+                raise DataError(f"{path} has a train file but no {' or '.join(missing)} file: "
+                                f"add {', '.join(m + '.txt' for m in missing)}, or remove train.txt "
+                                "to have a fraction held out automatically")
+            return SplitFiles(path.name, files, str(path))
+        texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".tokens", ""))
+        texts = [p for p in texts if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if not texts:
+            raise DataError(f"{path} holds no .txt files: put your text in .txt files there")
+        return HeldOutFiles(path.name, texts, str(path))
+    if path.is_file():
+        return HeldOutFiles(path.stem, [path], str(path))
+    matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+    if matches and any(ch in spec for ch in "*?["):
+        return HeldOutFiles(path.stem.replace("*", "") or "glob", matches, spec)
+    names = ", ".join(entries) or "none"
+    raise DataError(f"corpus {spec!r} not found: not a registered name ({names}), "
+                    "nor an existing file or directory")
+
+
+def _from_entry(name: str, entry: dict) -> Corpus:
+    expected = {"tokens": entry.get("tokens", {}), "vocab": entry.get("vocab")}
+    mirror = entry.get("mirror", name)
+    for root in mirror_dirs():
+        d = root / mirror
+        files = {s: _find_split(d, s) for s in SPLITS}
+        if all(files.values()):
+            return SplitFiles(name, files, str(d), expected)
+    if "hub" in entry:
+        return HubCorpus(name, entry["hub"], expected)
+    raise DataError(f"corpus {name!r} has no local copy (looked in "
+                    f"{', '.join(str(r / mirror) for r in mirror_dirs())}) and no hub source in "
+                    f"{entry['_file']}: set LM_CORPORA to a directory holding {mirror}/")
+
+
+def _find_split(d: Path, split: str) -> Path | None:
+    for fname in _SPLIT_NAMES[split]:
+        if (d / fname).is_file():
+            return d / fname
+    return None
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    """Lines of a UTF-8 text file, without their line endings (LF, CRLF or CR)."""
+    try:
+        with open(path, encoding="utf-8", newline=None) as f:
+            for line in f:
+                yield line[:-1] if line.endswith("\n") else line
+    except FileNotFoundError:
+        raise DataError(f"{path} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, expected a text file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start} of a read "
+                        "block): convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _count_lines(path: Path) -> int:
+    n, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    return n + (last != b"\n")
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]

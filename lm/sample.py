@@ -1,0 +1,48 @@
+"""Sampling: a pure ``sample_next`` and the ``generate`` generator over it."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lm.model import LSTMLM
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> int:
+    """One token id from (V,) logits. Temperature 0 is greedy; top_k keeps the k most
+    likely; top_p keeps the smallest set whose probability reaches p."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             banned: Sequence[int] = ()) -> Iterator[int]:
+    """Yield ``max_tokens`` sampled token ids continuing ``prompt`` (which must hold at
+    least one id; pass <eos> to start from scratch). ``banned`` ids are never drawn."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    x = torch.tensor([list(prompt)], device=device)  # (1, T)
+    hidden = None
+    for _ in range(max_tokens):
+        features, hidden = model(x, hidden)
+        logits = model.log_probs(features[0, -1]).cpu()  # (V,): log-probs are valid logits
+        if banned:
+            logits[list(banned)] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        yield token
+        x = torch.tensor([[token]], device=device)
