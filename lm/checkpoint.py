@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found: train one first (make train, or "
                               "lm train --run DIR) and pass its best.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise here
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = str(e).splitlines()[0] if str(e) else ""
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -43,7 +43,7 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     corpus: str = opt("wikitext-2", "registered corpus name (lm corpus list), a directory or a text file")
-    batch_size: int = opt(32, "parallel lanes B per training step")
+    batch_size: int = opt(64, "parallel lanes B per training step")
     bptt: int = opt(35, "truncated-BPTT window T, in tokens")
     eval_batch_size: int = opt(10, "lanes for evaluation; 1 is the exact reference setting")
 
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(10, "passes over the training split")
+    epochs: int = opt(4, "passes over the training split")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
     max_minutes: float = opt(12.0, "stop (and keep the best checkpoint) after this much training; 0 = no limit")
     lr: float = opt(20.0, "initial SGD learning rate")
@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = opt(1111, "random seed for initialisation, dropout and data order")
     log_every: int = opt(100, "steps between progress-bar metric refreshes")
     threads: int = opt(0, "torch intra-op threads; 0 = one per physical core")
-    device: str = opt("cpu", "cpu, cuda or auto")
+    device: str = opt("auto", "cpu, cuda or auto")
 
     def validate(self) -> None:
         _between("epochs", self.epochs, 1, 100000)

@@ -1,0 +1,132 @@
+"""The command line: results, JSON shapes, and one-line errors with no traceback."""
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lm.cli import main
+
+from conftest import REPO
+
+
+def run_lm(*args, stdin: str | None = None):
+    """The real command in a subprocess, as a user would run it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "lm", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
+
+
+def assert_one_line_error(proc, code=None, match=""):
+    assert proc.returncode != 0 if code is None else proc.returncode == code, proc
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert match in lines[0]
+
+
+def test_eval_json(tiny_run, tiny_corpus, capsys):
+    assert main(["eval", str(tiny_run / "best.pt"), "--split", "test", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"ppl", "loss", "tokens", "split"} <= set(r) and r["split"] == "test"
+    lines = (tiny_corpus / "test.txt").read_text().splitlines()
+    assert r["tokens"] == sum(len(l.split()) + 1 for l in lines)  # words + one <eos> per line
+    assert 1 < r["ppl"] < 20
+
+
+def test_eval_summary_line_and_run_directory(tiny_run, capsys):
+    assert main(["eval", str(tiny_run)]) == 0  # a run directory means its best.pt
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("tiny valid: ppl ")
+
+
+def test_complete_json_next_words_and_completions(tiny_run, capsys):
+    assert main(["complete", str(tiny_run / "best.pt"), "the cat sat on the", "--k", "3", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert len(items) == 3 and all(set(i) == {"word", "prob"} for i in items)
+    assert main(["complete", str(tiny_run / "best.pt"), "the cat sat on the m", "--json"]) == 0
+    assert {i["word"] for i in json.loads(capsys.readouterr().out)} == {"mat", "man", "my"}
+
+
+def test_generate_same_seed_same_text(tiny_run):
+    a = run_lm("generate", tiny_run / "best.pt", "--prompt", "the dog", "--max-words", 20, "--seed", 5)
+    b = run_lm("generate", tiny_run / "best.pt", "--prompt", "the dog", "--max-words", 20, "--seed", 5)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("the dog ")
+    assert len(a.stdout.split()) >= 20 and "words/s" in a.stderr
+
+
+def test_repl_scripted_one_line_per_input_line(tiny_run):
+    script = "the cat sat on the\n:k 2\nm\n:context\n:reset\n:k zero\n:bogus\n\n:quit\nnever read\n"
+    proc = run_lm("repl", tiny_run / "best.pt", stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert len(out) == 9
+    assert out[0].startswith("next: ") and len(out[0].split("%")) - 1 == 5
+    assert out[1] == "k = 2"
+    assert out[2].startswith("m… mat")
+    assert out[3] == "context: the cat sat on the m"
+    assert out[4] == "context cleared"
+    assert out[5].startswith("usage: :k N")
+    assert out[6].startswith("unknown command")
+    assert out[7].startswith("next: ") and len(out[7].split("%")) - 1 == 2
+    assert out[8] == "bye"
+
+
+@pytest.mark.parametrize("args, code, match", [
+    (["train", "--epochs", "abc"], 2, "invalid int value"),
+    (["train", "--epochs", "-3"], 2, "--epochs must be between"),
+    (["train", "--lr", "nan"], 2, "finite"),
+    (["train", "--dropout", "1.5"], 2, "--dropout"),
+    (["train", "--head", "magic"], 2, "--head must be one of"),
+    (["train", "--corpus", "/no/such/corpus"], 1, "not found"),
+    (["train", "--frobnicate"], 2, "unrecognized arguments"),
+    (["eval", "/no/such.pt"], 1, "not found"),
+    (["complete", "/no/such.pt", "x", "--k", "0"], 2, "--k must be"),
+    (["generate", "/no/such.pt", "--top-p", "0"], 2, "--top-p"),
+])
+def test_bad_flags_and_missing_files_are_one_line_errors(args, code, match):
+    assert_one_line_error(run_lm(*args), code, match)
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_are_refused(tiny_run, tmp_path):
+    good = (tiny_run / "best.pt").read_bytes()
+    cases = {"random.pt": os.urandom(4096), "truncated.pt": good[: len(good) // 2], "empty.pt": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert_one_line_error(run_lm("eval", tmp_path / name), 1, name)
+    torch.save({"some": "dict"}, tmp_path / "foreign.pt")
+    assert_one_line_error(run_lm("eval", tmp_path / "foreign.pt"), 1, "not an lm checkpoint")
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save(ckpt | {"version": 99}, tmp_path / "newer.pt")
+    assert_one_line_error(run_lm("eval", tmp_path / "newer.pt"), 1, "upgrade lm")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_does_not_run_code(tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "lm-checkpoint", "x": _Exploit()}, f)
+    proc = run_lm("complete", tmp_path / "evil.pt", "hello")
+    assert_one_line_error(proc, 1, "not a safe lm checkpoint")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_empty_corpus_is_a_one_line_error(tmp_path):
+    for s in ("train", "valid", "test"):
+        (tmp_path / f"{s}.txt").write_text("")
+    assert_one_line_error(run_lm("train", "--corpus", tmp_path, "--run", tmp_path / "run"), 1, "no words")
+
+
+def test_corpus_smaller_than_one_batch(tmp_path):
+    for s in ("train", "valid", "test"):
+        (tmp_path / f"{s}.txt").write_text("a b c\n")
+    proc = run_lm("train", "--corpus", tmp_path, "--run", tmp_path / "run", "--batch-size", 64)
+    assert_one_line_error(proc, 1, "lower --batch-size")

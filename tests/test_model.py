@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+from lm.config import ModelConfig
+from lm.model import AdaptiveSoftmax, LSTMLM
+
+V = 50
+
+
+def model(**kw) -> LSTMLM:
+    cfg = ModelConfig(emb_dim=12, hidden_dim=20, n_layers=2, dropout=0.3, cutoffs=[10, 30]) 
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return LSTMLM(cfg, V).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"head": "full"}, {"tie_weights": False}, {"n_layers": 1}])
+def test_one_call_equals_two_halves_carrying_hidden(kw):
+    m = model(**kw)
+    x = torch.randint(0, V, (3, 17))
+    whole, _ = m(x)
+    first, h = m(x[:, :9])
+    second, _ = m(x[:, 9:], h)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole)
+
+
+@pytest.mark.parametrize("kw", [{}, {"head": "full"}, {"tie_weights": False}])
+def test_heads_give_normalized_distributions_consistent_with_nll(kw):
+    m = model(**kw)
+    features, _ = m(torch.randint(0, V, (2, 7)))
+    lp = m.log_probs(features)  # (2, 7, V)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2, 7), atol=1e-5, rtol=0)
+    targets = torch.randint(0, V, (2, 7))
+    torch.testing.assert_close(m.nll(features, targets), -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+
+
+def test_untied_adaptive_head_equals_torch_adaptive_log_softmax():
+    ours = AdaptiveSoftmax(16, V, [10, 30], tied=None, div_value=2.0, bias=False)
+    ref = nn.AdaptiveLogSoftmaxWithLoss(16, V, [10, 30], div_value=2.0, head_bias=False)
+    with torch.no_grad():
+        ref.head.weight.copy_(torch.cat([ours.shortlist, ours.cluster]))
+        for i, tail in enumerate(ref.tail):
+            tail[0].weight.copy_(ours.proj[i].weight)
+            tail[1].weight.copy_(ours.out[i])
+    h, target = torch.randn(40, 16), torch.randint(0, V, (40,))
+    torch.testing.assert_close(ours.nll(h, target), -ref(h, target).output)
+    torch.testing.assert_close(ours.log_probs(h), ref.log_prob(h))
+
+
+def test_tied_weights_are_shared_and_last_layer_matches_embedding():
+    m = model()
+    assert m.layers[-1].hidden_size == 12 and m.layers[0].hidden_size == 20
+    assert m.head.tied is m.embedding.weight
+    full = model(head="full")
+    assert full.head.weight is full.embedding.weight
+    untied = model(tie_weights=False)
+    assert untied.layers[-1].hidden_size == 20
+
+
+def test_cutoffs_beyond_the_vocabulary_are_dropped():
+    head = AdaptiveSoftmax(8, 12, [10, 2000, 10000])
+    assert head.bounds == [0, 10, 12]
+    lp = head.log_probs(torch.randn(3, 8))
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3))

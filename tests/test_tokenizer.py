@@ -1,0 +1,64 @@
+import sentencepiece as spm
+
+from lm.config import TokenizerConfig
+from lm.tokenizer import EOS, UNK, Tokenizer
+
+LINES = ["the cat sat on the mat", "", "the dog sat <unk> the log", "the the cat"]
+
+
+def test_standard_stream_one_eos_per_line_blank_lines_included():
+    tok = Tokenizer.train(LINES)
+    ids = tok.encode_stream(LINES)
+    assert len(ids) == sum(len(l.split()) for l in LINES) + len(LINES)
+    assert (ids == tok.eos_id).sum() == len(LINES)
+
+
+def test_vocabulary_is_training_words_plus_eos_in_frequency_order():
+    tok = Tokenizer.train(LINES)
+    words = {w for l in LINES for w in l.split()} - {UNK}
+    # <unk> and <eos> plus every distinct word: the standard "distinct + <eos>" count
+    assert tok.vocab_size == len(words) + 2
+    assert tok.words[tok.unk_id] == UNK and tok.words[tok.eos_id] == EOS
+    assert tok.words[2] == "the"  # most frequent first: the adaptive head relies on it
+
+
+def test_unknown_words_map_one_for_one_never_merged():
+    tok = Tokenizer.train(LINES)
+    ids = tok.encode_line("the zebra quokka <unk> <unk> cat")
+    assert ids == [tok.word_to_id["the"]] + [tok.unk_id] * 4 + [tok.word_to_id["cat"]]
+
+
+def test_table_encoding_equals_sentencepiece_where_all_words_known():
+    tok = Tokenizer.train(LINES)
+    line = "the cat sat on the log"
+    assert tok.encode_line(line) == tok.sp.encode(line)
+
+
+def test_bytes_round_trip_encodes_identically():
+    tok = Tokenizer.train(LINES)
+    again = Tokenizer.from_dict(tok.to_dict())
+    assert again.words == tok.words
+    assert again.encode_line("the dog sat xyz") == tok.encode_line("the dog sat xyz")
+    assert again.fingerprint == tok.fingerprint
+
+
+def test_vocab_size_cap_and_min_count_keep_most_frequent():
+    lines = ["a a a a b b b c c d"]
+    capped = Tokenizer.train(lines, TokenizerConfig(vocab_size=4))
+    assert capped.words[2:] == ["a", "b"]
+    assert capped.encode_line("c d") == [capped.unk_id] * 2
+    counted = Tokenizer.train(lines, TokenizerConfig(min_count=2))
+    assert counted.words[2:] == ["a", "b", "c"]
+
+
+def test_decode_joins_words_and_turns_eos_into_newlines():
+    tok = Tokenizer.train(LINES)
+    ids = tok.encode_stream(["the cat", "the dog"])
+    assert tok.decode(ids.tolist()) == "the cat\nthe dog\n"
+
+
+def test_special_pieces_and_normalization_identity():
+    tok = Tokenizer.train(["Ｆｕｌｌ width ﬁ ligature"])
+    # identity normalization: NFKC would have folded these into ASCII
+    assert "Ｆｕｌｌ" in tok.word_to_id and "ﬁ" in tok.word_to_id
+    assert isinstance(spm.SentencePieceProcessor(model_proto=tok.model_bytes).get_piece_size(), int)

@@ -1,0 +1,57 @@
+import json
+
+import torch
+
+from lm import checkpoint
+from lm.config import ModelConfig
+from lm.train import train
+
+from conftest import tiny_config
+
+
+def test_tiny_model_learns_a_deterministic_sequence(tmp_path):
+    """A cycle of 7 words is fully predictable after one word: perplexity -> 1."""
+    words = "alpha beta gamma delta epsilon zeta eta".split()
+    line = " ".join(words * 6)
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("\n".join([line] * (40 if split == "train" else 4)) + "\n")
+    cfg = tiny_config(tmp_path, epochs=6, lr=2.0)
+    cfg.model = ModelConfig(emb_dim=24, hidden_dim=24, n_layers=1, dropout=0.0, head="full")
+    summary = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert summary["best_valid_ppl"] < 1.15
+
+
+def test_run_writes_best_last_and_metrics(tiny_run):
+    assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
+    records = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[-1]["valid_ppl"] < epochs[0]["valid_ppl"]  # it learns
+    assert records[-1]["summary"]["epochs"] == 3
+    best = checkpoint.load(tiny_run / "best.pt")
+    assert best["metrics"]["valid_ppl"] == min(r["valid_ppl"] for r in epochs)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
+    cfg, model, tok, ckpt = checkpoint.load_model(tiny_run / "last.pt")
+    x = torch.tensor([tok.encode_line("the cat sat on the mat .")])
+    before, _ = model(x)
+    again = checkpoint.restore(checkpoint.load(checkpoint.save(ckpt, tiny_run / "copy.pt")))[1]
+    after, _ = again(x)
+    assert torch.equal(model.log_probs(before), again.log_probs(after))
+    assert ckpt["state"]["step"] > 0 and "optimizer" in ckpt and ckpt["format"] == "lm-checkpoint"
+
+
+def test_max_steps_budget_stops_mid_epoch(tiny_corpus, tmp_path):
+    summary = train(tiny_config(tiny_corpus, epochs=50, max_steps=7), tmp_path, progress=False,
+                    log=lambda *a: None)
+    assert summary["steps"] == 7 and summary["epochs"] == 1
+    assert "max-steps" in summary["stopped"]
+
+
+def test_same_seed_same_weights(tiny_corpus, tmp_path):
+    a = train(tiny_config(tiny_corpus, epochs=1, max_steps=5), tmp_path / "a", progress=False, log=lambda *a: None)
+    b = train(tiny_config(tiny_corpus, epochs=1, max_steps=5), tmp_path / "b", progress=False, log=lambda *a: None)
+    wa = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
+    wb = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["best_valid_ppl"] == b["best_valid_ppl"]
