@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from lm import __version__
@@ -49,22 +50,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lm.checkpoint import load_model
     from lm.corpus import open_corpus
-    from lm.data import token_stream
-    from lm.evaluate import evaluate
+    from lm.data import token_stream, word_count
+    from lm.evaluate import add_word_level, evaluate
     from lm.train import set_threads
 
     set_threads(args.threads)
     cfg, model, tokenizer, _ = load_model(args.checkpoint)
-    corpus = open_corpus(args.corpus or cfg.data.corpus)
-    stream = token_stream(corpus, args.split, tokenizer)
+    corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict)
+    stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
     result = evaluate(model, stream, bos_id=tokenizer.eos_id, batch_size=args.batch_size,
                       progress=not args.json, desc=args.split)
     result |= {"split": args.split, "corpus": corpus.name, "checkpoint": str(args.checkpoint),
                "batch_size": args.batch_size}
+    if tokenizer.subword:
+        result = add_word_level(result, word_count(corpus, args.split))
     if args.json:
         _print_json(result)
     else:
-        print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}  loss {result['loss']:.4f}  "
+        per_word = f"  word ppl {result['word_ppl']:.2f}" if "word_ppl" in result else ""
+        print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}{per_word}  loss {result['loss']:.4f}  "
               f"tokens {result['tokens']:,}  ({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
     return 0
 
@@ -112,6 +116,9 @@ def _predictor(checkpoint: str, threads: int):
 
     set_threads(threads)
     _, model, tok, _ = load_model(checkpoint)
+    if tok.subword:
+        raise LMError(f"autocomplete needs a word-level model, and {checkpoint} uses {tok.kind} "
+                      "subwords: train one with --kind word")
     return Predictor(model, tok)
 
 
@@ -154,18 +161,20 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise ConfigError(f"lm corpus {args.action} needs a corpus name or path")
-    from lm.data import corpus_stats
-    from lm.tokenizer import Tokenizer
+    from lm.data import cache_dir, corpus_stats, load_tokenizer
 
-    corpus = open_corpus(args.name)
-    tokenizer = Tokenizer.train(corpus.lines("train"), TokenizerConfig())
-    stats = corpus_stats(corpus, tokenizer)
+    corpus = open_corpus(args.name, strict=args.strict)
+    tokenizer = load_tokenizer(corpus, TokenizerConfig(**overrides_from_args(args).get("tokenizer", {})))
+    stats = corpus_stats(corpus, tokenizer, progress=not args.json)
+    if args.action == "prepare":
+        stats["cache"] = str(cache_dir())
     if args.json:
         _print_json(stats)
     else:
         t = stats["tokens"]
         print(f"{stats['corpus']} ({stats['where']}): train {t['train']:,} / valid {t['valid']:,} / "
-              f"test {t['test']:,} tokens, vocabulary {stats['vocab']:,}")
+              f"test {t['test']:,} tokens, vocabulary {stats['vocab']:,}"
+              + (f"; token cache in {stats['cache']}" if "cache" in stats else ""))
     return 0
 
 
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--corpus", help="score another corpus than the one trained on")
     e.add_argument("--batch-size", type=_positive_int, default=10, help="lanes; 1 is the exact reference (default: 10)")
     e.add_argument("--threads", type=_nonneg_int, default=0)
+    e.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -218,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("corpus", help="list registered corpora, or count a corpus's tokens")
     co.add_argument("action", choices=("list", "info", "prepare"))
     co.add_argument("name", nargs="?", help="registered name, directory or file")
+    co.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
+    add_flags(co, TokenizerConfig, "tokenizer")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=cmd_corpus)
     return p
@@ -237,7 +249,12 @@ def _nonneg_int(s: str) -> int:
     return 0 if s == "0" else _positive_int(s)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lm: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -28,15 +28,17 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = opt("word", "word: one token per whitespace-separated word (benchmark streams)")
-    vocab_size: int = opt(0, "cap the vocabulary at this many entries; 0 keeps every training word")
+    kind: str = opt("word", "word (one token per word, the benchmark streams), or unigram / bpe subwords")
+    vocab_size: int = opt(0, "cap the vocabulary at this many entries; 0 = every training word (subword: 8000)")
     min_count: int = opt(1, "words seen fewer times than this in training map to <unk>")
 
     def validate(self) -> None:
-        _choice("kind", self.kind, ("word",))
+        _choice("kind", self.kind, ("word", "unigram", "bpe"))
         _at_least("vocab_size", self.vocab_size, 0)
         if 0 < self.vocab_size < 3:
             raise ConfigError("--vocab-size must be 0 (no cap) or at least 3")
+        if self.kind != "word" and 0 < self.vocab_size < 320:
+            raise ConfigError("a subword --vocab-size must be at least 320: 256 byte pieces come first")
         _at_least("min_count", self.min_count, 1)
 
 
@@ -46,6 +48,7 @@ class DataConfig:
     batch_size: int = opt(64, "parallel lanes B per training step")
     bptt: int = opt(35, "truncated-BPTT window T, in tokens")
     eval_batch_size: int = opt(10, "lanes for evaluation; 1 is the exact reference setting")
+    strict: bool = opt(False, "refuse text with invalid UTF-8 instead of replacing the bad bytes")
 
     def validate(self) -> None:
         if not self.corpus.strip():

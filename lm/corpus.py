@@ -11,6 +11,7 @@ import glob
 import hashlib
 import os
 import tomllib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from lm.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
+MAX_LINE_BYTES = 1 << 20  # longer lines are read in pieces cut at whitespace
 _SPLIT_NAMES = {  # file names accepted in a corpus directory, per split
     "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt"),
     "valid": ("valid.txt", "validation.txt", "wiki.valid.tokens", "ptb.valid.txt"),
@@ -64,6 +66,7 @@ class Corpus:
     name: str
     where: str  # human-readable origin, for messages and `corpus info`
     expected: dict = field(default_factory=dict)  # registry's standard counts, if any
+    strict: bool = False  # refuse invalid UTF-8 instead of replacing it
 
     def lines(self, split: str) -> Iterator[str]:
         raise NotImplementedError
@@ -81,7 +84,7 @@ class SplitFiles(Corpus):
         self.files = files
 
     def lines(self, split: str) -> Iterator[str]:
-        yield from _read_lines(self.files[split])
+        yield from _read_lines(self.files[split], self.strict)
 
     def fingerprint(self, split: str) -> str:
         return _hash_files([self.files[split]])
@@ -107,7 +110,7 @@ class HeldOutFiles(Corpus):
         lo, hi = self.bounds[split]
         i = 0
         for f in self.files:
-            for line in _read_lines(f):
+            for line in _read_lines(f, self.strict):
                 if i >= hi:
                     return
                 if i >= lo:
@@ -151,8 +154,14 @@ class HubCorpus(Corpus):
         return f"{h}-{split}"
 
 
-def open_corpus(spec: str) -> Corpus:
+def open_corpus(spec: str, strict: bool = False) -> Corpus:
     """A corpus from a registered name, a directory, a file or a glob."""
+    corpus = _open(spec)
+    corpus.strict = strict
+    return corpus
+
+
+def _open(spec: str) -> Corpus:
     entries = registry()
     if spec in entries:
         return _from_entry(spec, entries[spec])
@@ -203,31 +212,60 @@ def _find_split(d: Path, split: str) -> Path | None:
     return None
 
 
-def _read_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 text file, without their line endings (LF, CRLF or CR)."""
+class DataWarning(UserWarning):
+    """Something in the data was repaired (bad bytes replaced, long lines cut)."""
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a file as bytes, without LF / CRLF endings. A line longer than
+    ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays flat."""
     try:
-        with open(path, encoding="utf-8", newline=None) as f:
-            for line in f:
-                yield line[:-1] if line.endswith("\n") else line
+        f = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path} not found") from None
     except IsADirectoryError:
         raise DataError(f"{path} is a directory, expected a text file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start} of a read "
-                        "block): convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        if b"\x00" in f.read(8192):
+            raise DataError(f"{path} looks like a binary file (it has NUL bytes), not text")
+        f.seek(0)
+        while raw := f.readline(MAX_LINE_BYTES):
+            if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
+                cut = max(raw.rfind(b" "), raw.rfind(b"\t"))
+                if cut > 0:  # give the partial word back to the next piece
+                    f.seek(cut + 1 - len(raw), os.SEEK_CUR)
+                    raw = raw[:cut]
+            yield raw.rstrip(b"\n").removesuffix(b"\r") if raw.endswith(b"\n") else raw
+
+
+def _read_lines(path: Path, strict: bool = False) -> Iterator[str]:
+    """Lines of a UTF-8 text file. Invalid bytes become U+FFFD with one warning per file
+    saying how many and where, or, with ``strict``, stop the read with the location."""
+    bad = first_bad = long_lines = 0
+    for lineno, raw in enumerate(_raw_lines(path), 1):
+        long_lines += len(raw) >= MAX_LINE_BYTES - 1
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if strict:
+                raise DataError(f"{path} is not valid UTF-8: line {lineno}, byte {e.start} of the line "
+                                "(drop --strict to replace bad bytes, or convert the file, "
+                                "e.g. iconv -f latin1 -t utf-8)") from None
+            bad += len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
+            first_bad = first_bad or lineno
+            yield raw.decode("utf-8", "replace")
+    if bad:
+        warnings.warn(f"{path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
+                      f"{first_bad}; pass --strict to refuse such files", DataWarning, stacklevel=2)
+    if long_lines:
+        warnings.warn(f"{path}: {long_lines} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
+                      "at whitespace (each piece ends in <eos>)", DataWarning, stacklevel=2)
 
 
 def _count_lines(path: Path) -> int:
-    n, last = 0, b"\n"
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                n += chunk.count(b"\n")
-                last = chunk[-1:]
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    return n + (last != b"\n")
+    return sum(1 for _ in _raw_lines(path))
 
 
 def _hash_files(paths: list[Path]) -> str:

@@ -1,29 +1,146 @@
-"""Corpus + tokenizer -> token streams (1-D int64 tensors), one per split."""
+"""Corpus + tokenizer -> token streams, through an on-disk token cache.
+
+A split is tokenized once into ``<cache>/<corpus>.<split>.<key>.bin``: raw little-endian
+uint16 ids (uint32 when the vocabulary needs it) read back as a memory map. The key hashes
+the split's content fingerprint, the tokenizer's bytes and the cache format, so editing
+the text or retraining the tokenizer builds a new entry, and a cache is never trusted
+because of a path. The tokenizer itself is cached the same way, keyed by the training
+split and the tokenizer config. Building streams the corpus in chunks: memory stays flat
+whatever its size.
+"""
 from __future__ import annotations
 
-import torch
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
 
-from lm.corpus import Corpus
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lm.config import TokenizerConfig
+from lm.corpus import SPLITS, Corpus
 from lm.errors import DataError
 from lm.tokenizer import Tokenizer
 
+CACHE_FORMAT = 1
+CHUNK_TOKENS = 1 << 20  # tokens encoded per write while building
 
-def token_stream(corpus: Corpus, split: str, tokenizer: Tokenizer) -> torch.Tensor:
-    """The standard stream of one split: each line's words then one <eos>."""
-    ids = torch.from_numpy(tokenizer.encode_stream(corpus.lines(split)))
-    if ids.numel() == 0:
+
+def cache_dir() -> Path:
+    """``$LM_CACHE``, else ``corpora/.cache`` in the source checkout, else ``~/.cache/lm``."""
+    if os.environ.get("LM_CACHE"):
+        return Path(os.environ["LM_CACHE"]).expanduser()
+    checkout = Path(__file__).resolve().parent.parent / "corpora"
+    if checkout.is_dir() and os.access(checkout, os.W_OK):
+        return checkout / ".cache"
+    return Path.home() / ".cache" / "lm"
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("|".join((str(CACHE_FORMAT), *parts)).encode()).hexdigest()[:20]
+
+
+def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) -> Tokenizer:
+    """The tokenizer for ``corpus``, trained on its train split only (cached)."""
+    key = _key(corpus.fingerprint("train"), json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    path = cache_dir() / f"{_safe(corpus.name)}.tokenizer.{key}.model"
+    if cache and path.is_file():
+        try:
+            return Tokenizer(path.read_bytes(), cfg.kind)
+        except Exception:  # a damaged cache entry is rebuilt, never fatal
+            path.unlink(missing_ok=True)
+    tokenizer = Tokenizer.train(corpus.lines("train"), cfg)
+    if cache:
+        _write_atomic(path, tokenizer.model_bytes)
+    return tokenizer
+
+
+def token_stream(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+    """The standard stream of one split (each line's tokens, then one <eos>) as int64."""
+    ids = token_array(corpus, split, tokenizer, cache=cache, progress=progress)
+    if ids.size == 0:
         raise DataError(f"the {split} split of {corpus.where} is empty: it has no lines")
-    return ids
+    return torch.from_numpy(ids.astype(np.int64))
 
 
-def corpus_stats(corpus: Corpus, tokenizer: Tokenizer) -> dict:
-    """Token counts per split, vocabulary size and out-of-vocabulary rates."""
-    from lm.corpus import SPLITS
+def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool = True,
+                progress: bool = False) -> np.ndarray:
+    """The split's ids as stored: a read-only memory map of the cache file."""
+    dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
+    if not cache:
+        return np.concatenate([np.asarray(c, dtype) for c in _chunks(corpus, split, tokenizer)] or [np.zeros(0, dtype)])
+    key = _key(corpus.fingerprint(split), tokenizer.fingerprint)
+    path = cache_dir() / f"{_safe(corpus.name)}.{split}.{key}.bin"
+    if not path.is_file() or path.stat().st_size % dtype.itemsize:
+        build(corpus, split, tokenizer, path, dtype, progress=progress)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
+
+def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: np.dtype,
+          *, progress: bool = False) -> int:
+    """Tokenize a split into ``path`` chunk by chunk; returns the token count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "wb") as f, tqdm(desc=f"tokenizing {corpus.name} {split}", unit="tok",
+                                        unit_scale=True, disable=not progress, leave=False) as bar:
+            for chunk in _chunks(corpus, split, tokenizer):
+                np.asarray(chunk, dtype).tofile(f)
+                n += len(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache {path}: {e.strerror}; set LM_CACHE "
+                        "to a writable directory") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def word_count(corpus: Corpus, split: str) -> int:
+    """Words plus one <eos> per line: the word-level token count of a split, the
+    denominator that makes a subword model's perplexity comparable with word models'."""
+    return sum(len(line.split()) + 1 for line in corpus.lines(split))
+
+
+def _chunks(corpus: Corpus, split: str, tokenizer: Tokenizer):
+    buf: list[int] = []
+    for ids in tokenizer.encode_lines(corpus.lines(split)):
+        buf += ids
+        if len(buf) >= CHUNK_TOKENS:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # caching is an optimisation: an unwritable cache only costs time
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "corpus"
+
+
+def corpus_stats(corpus: Corpus, tokenizer: Tokenizer, *, progress: bool = False) -> dict:
+    """Token counts per split, vocabulary size and <unk> rates."""
     splits = {}
     for s in SPLITS:
-        ids = token_stream(corpus, s, tokenizer)
-        splits[s] = {"tokens": ids.numel(), "unk": int((ids == tokenizer.unk_id).sum())}
+        ids = token_array(corpus, s, tokenizer, progress=progress)
+        splits[s] = {"tokens": int(ids.size), "unk": int(np.count_nonzero(ids == tokenizer.unk_id))}
     return {"corpus": corpus.name, "where": corpus.where, "vocab": tokenizer.vocab_size,
             "tokens": {s: v["tokens"] for s, v in splits.items()},
-            "unk_rate": {s: round(v["unk"] / v["tokens"], 6) for s, v in splits.items()}}
+            "unk_rate": {s: round(v["unk"] / max(v["tokens"], 1), 6) for s, v in splits.items()}}

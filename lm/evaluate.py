@@ -11,6 +11,13 @@ from lm.batching import eval_lanes
 from lm.model import LSTMLM
 
 
+def add_word_level(result: dict, words: int) -> dict:
+    """Per-word perplexity of a subword evaluation: the same total log-likelihood
+    divided by the number of words (with one <eos> per line) instead of pieces."""
+    total = result["loss"] * result["tokens"]
+    return result | {"words": words, "word_ppl": perplexity(total, words), "tokens_per_word": result["tokens"] / words}
+
+
 def perplexity(total_nll: float, tokens: int) -> float:
     """exp(mean negative log-likelihood), guarded against overflow."""
     return math.exp(min(total_nll / max(tokens, 1), 700.0))

@@ -7,21 +7,28 @@ vocabulary (its ``word`` model, identity normalization), but encoding goes throu
 model's own piece table rather than ``SentencePieceProcessor.encode``: that encoder
 merges a run of unknown words into a single ``<unk>``, which would change the token count
 and so the perplexity. The table lookup is also about 4x faster than per-word calls.
+
+Subword (``kind="unigram"`` or ``"bpe"``) gives an open vocabulary: SentencePiece pieces
+with byte fallback, so no text is ever unknown; the corpus's own ``<unk>`` words still map
+to ``<unk>`` one for one, and each line still ends in one ``<eos>``.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
 import io
+import itertools
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import sentencepiece as spm
 
 from lm.config import TokenizerConfig
 from lm.errors import DataError
 
 UNK, EOS = "<unk>", "<eos>"
+SUBWORD_KINDS = ("unigram", "bpe")
+DEFAULT_SUBWORD_VOCAB = 8000  # pieces, when --vocab-size is 0 for a subword tokenizer
+SUBWORD_SAMPLE = 2_000_000  # training lines SentencePiece samples (bounds its memory)
 MAX_WORD_CHARS = 512  # SentencePiece's limit; longer words map to <unk>
 _WS = "\u2581"  # SentencePiece's word-boundary marker, prefixed to every word piece
 
@@ -51,16 +58,15 @@ class Tokenizer:
         """Build the vocabulary from training lines only (frequency order, so that the
         adaptive softmax can cut it into clusters by id)."""
         cfg = cfg or TokenizerConfig()
+        cfg.validate()
+        if cfg.kind in SUBWORD_KINDS:
+            return cls._train_subword(lines, cfg)
         counts: collections.Counter[str] = collections.Counter()
-        kept: list[str] = []
-        for line in lines:
-            words = line.split()
-            counts.update(words)
-            if words:
-                kept.append(" ".join(words))
+        for line in lines:  # streamed: memory grows with the vocabulary, not the corpus
+            counts.update(line.split())
         counts.pop(UNK, None)
         counts.pop(EOS, None)
-        if not kept:
+        if not counts:
             raise DataError("the training split has no words: nothing to build a vocabulary from")
         n_words = sum(1 for c in counts.values() if c >= cfg.min_count)
         if cfg.vocab_size:
@@ -68,10 +74,12 @@ class Tokenizer:
         use_all = n_words == len(counts)
         if n_words == 0:
             raise DataError(f"no training word occurs at least --min-count {cfg.min_count} times")
+        # SentencePiece reads (word, count) pairs as TSV, so it never sees the corpus itself
+        rows = (f"{w}\t{c}" for w, c in counts.items())
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(kept), model_writer=model, model_type="word",
+                sentence_iterator=rows, input_format="tsv", model_writer=model, model_type="word",
                 vocab_size=n_words + 2, use_all_vocab=use_all, hard_vocab_limit=False,
                 normalization_rule_name="identity", remove_extra_whitespaces=True,
                 character_coverage=1.0, max_sentencepiece_length=MAX_WORD_CHARS, max_sentence_length=1 << 30,
@@ -82,37 +90,80 @@ class Tokenizer:
             raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
         return cls(model.getvalue(), cfg.kind)
 
+    @classmethod
+    def _train_subword(cls, lines: Iterable[str], cfg: TokenizerConfig) -> "Tokenizer":
+        # The corpus's own <unk> words are not text to learn pieces from.
+        kept = (" ".join(w for w in line.split() if w != UNK) for line in lines)
+        kept = (line for line in kept if line)
+        first = next(kept, None)
+        if first is None:
+            raise DataError("the training split has no words: nothing to build a vocabulary from")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=itertools.chain([first], kept), model_writer=model, model_type=cfg.kind,
+                vocab_size=cfg.vocab_size or DEFAULT_SUBWORD_VOCAB, hard_vocab_limit=False,
+                byte_fallback=True, normalization_rule_name="identity", character_coverage=0.9995,
+                input_sentence_size=SUBWORD_SAMPLE, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+                unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, unk_piece=UNK, eos_piece=EOS, unk_surface=UNK,
+                num_threads=2, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
+        return cls(model.getvalue(), cfg.kind)
+
     # -- encoding --------------------------------------------------------------------
+    @property
+    def subword(self) -> bool:
+        return self.kind in SUBWORD_KINDS
+
     @property
     def vocab_size(self) -> int:
         return len(self.words)
 
     def encode_line(self, line: str) -> list[int]:
-        """Ids of one line's words, without the trailing <eos>."""
-        get, unk = self.word_to_id.get, self.unk_id
-        return [get(w, unk) for w in line.split()]
+        """Ids of one line, without the trailing <eos>."""
+        return next(self.encode_lines([line]))[:-1]
 
     def encode_lines(self, lines: Iterable[str]) -> Iterator[list[int]]:
         """Ids of each line followed by <eos>: the standard stream, one list per line."""
+        if self.subword:
+            yield from self._encode_subword(lines)
+            return
         get, unk, eos = self.word_to_id.get, self.unk_id, self.eos_id
         for line in lines:
             ids = [get(w, unk) for w in line.split()]
             ids.append(eos)
             yield ids
 
-    def encode_stream(self, lines: Iterable[str], chunk_tokens: int = 1 << 20) -> np.ndarray:
-        """The whole token stream of ``lines`` as one int64 array."""
-        parts, buf = [], []
-        for ids in self.encode_lines(lines):
-            buf.extend(ids)
-            if len(buf) >= chunk_tokens:
-                parts.append(np.asarray(buf, dtype=np.int64))
-                buf = []
-        parts.append(np.asarray(buf, dtype=np.int64))
-        return np.concatenate(parts)
+    def _encode_subword(self, lines: Iterable[str], batch: int = 4096) -> Iterator[list[int]]:
+        """SentencePiece in batches (its encoder runs them on several threads); each line
+        is cut at the corpus's literal <unk> words, which become the <unk> id."""
+        it = iter(lines)
+        while block := list(itertools.islice(it, batch)):
+            parts = [line.split(UNK) for line in block]
+            encoded = iter(self.sp.encode([" ".join(p.split()) for ps in parts for p in ps]))
+            for ps in parts:
+                ids: list[int] = []
+                for j in range(len(ps)):
+                    if j:
+                        ids.append(self.unk_id)
+                    ids.extend(next(encoded))
+                ids.append(self.eos_id)
+                yield ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words joined by spaces; <eos> becomes a newline."""
+        if self.subword:  # pieces per line, the corpus's <unk> words kept as words
+            lines: list[list[list[int]]] = [[[]]]
+            for i in ids:
+                if i == self.eos_id:
+                    lines.append([[]])
+                elif i == self.unk_id:
+                    lines[-1].append([])
+                else:
+                    lines[-1][-1].append(i)
+            return "\n".join(f" {UNK} ".join(self.sp.decode(seg) for seg in segs).strip() for segs in lines)
         out: list[str] = []
         for i in ids:
             out.append("\n" if i == self.eos_id else self.words[i])

@@ -14,11 +14,10 @@ from lm import checkpoint
 from lm.batching import batchify, n_windows, windows
 from lm.config import Config
 from lm.corpus import open_corpus
-from lm.data import token_stream
+from lm.data import load_tokenizer, token_stream
 from lm.errors import DataError
 from lm.evaluate import evaluate, perplexity
 from lm.model import LSTMLM, detach
-from lm.tokenizer import Tokenizer
 
 
 def set_threads(threads: int) -> int:
@@ -51,10 +50,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
     threads = set_threads(tc.threads)
     device = pick_device(tc.device)
 
-    corpus = open_corpus(dc.corpus)
-    tokenizer = Tokenizer.train(corpus.lines("train"), cfg.tokenizer)
-    train_ids = token_stream(corpus, "train", tokenizer)
-    valid_ids = token_stream(corpus, "valid", tokenizer)
+    corpus = open_corpus(dc.corpus, strict=dc.strict)
+    tokenizer = load_tokenizer(corpus, cfg.tokenizer)
+    train_ids = token_stream(corpus, "train", tokenizer, progress=progress)
+    valid_ids = token_stream(corpus, "valid", tokenizer, progress=progress)
     if train_ids.numel() < 2 * dc.batch_size:
         raise DataError(f"the training split has {train_ids.numel()} tokens, fewer than two per "
                         f"lane of --batch-size {dc.batch_size}: lower --batch-size or add text")

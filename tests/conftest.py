@@ -72,6 +72,12 @@ def tiny_run(tiny_corpus, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Token and tokenizer caches go to a temporary directory, never the checkout."""
+    os.environ["LM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

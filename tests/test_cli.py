@@ -130,3 +130,19 @@ def test_corpus_smaller_than_one_batch(tmp_path):
         (tmp_path / f"{s}.txt").write_text("a b c\n")
     proc = run_lm("train", "--corpus", tmp_path, "--run", tmp_path / "run", "--batch-size", 64)
     assert_one_line_error(proc, 1, "lower --batch-size")
+
+
+def test_subword_model_reports_per_word_perplexity_and_refuses_autocomplete(tiny_corpus, tmp_path, capsys):
+    from lm.train import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_corpus, epochs=1)
+    cfg.tokenizer.kind, cfg.tokenizer.vocab_size = "bpe", 320
+    train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert main(["eval", str(tmp_path / "best.pt"), "--split", "test", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    lines = (tiny_corpus / "test.txt").read_text().splitlines()
+    assert r["words"] == sum(len(l.split()) + 1 for l in lines)
+    assert r["tokens"] >= r["words"] and r["word_ppl"] >= r["ppl"]
+    assert_one_line_error(run_lm("complete", tmp_path / "best.pt", "the"), 1, "word-level model")

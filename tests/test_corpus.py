@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from lm.corpus import HELD_OUT, open_corpus
+from lm import corpus as corpus_module
+from lm.corpus import HELD_OUT, DataWarning, open_corpus
 from lm.data import corpus_stats, token_stream
 from lm.errors import DataError
 from lm.tokenizer import Tokenizer
@@ -79,14 +80,43 @@ def test_bad_sources_say_what_to_do(tmp_path, setup, message):
         open_corpus(str(path))
 
 
-def test_non_utf8_and_empty_splits_are_clear_errors(tmp_path):
+def _three_splits(d, text=b"hello world\n"):
     for s in ("train", "valid", "test"):
-        (tmp_path / f"{s}.txt").write_text("hello world\n")
-    (tmp_path / "valid.txt").write_bytes(b"caf\xe9\n")
+        (d / f"{s}.txt").write_bytes(text)
+
+
+def test_invalid_utf8_is_replaced_and_reported_or_refused_with_strict(tmp_path):
+    _three_splits(tmp_path)
+    (tmp_path / "valid.txt").write_bytes(b"fine line\ncaf\xe9 and \xff\xfe here\n")
+    c = open_corpus(str(tmp_path))
+    with pytest.warns(DataWarning, match=r"3 invalid UTF-8 byte\(s\) replaced .* first on line 2"):
+        lines = list(c.lines("valid"))
+    assert lines == ["fine line", "caf\ufffd and \ufffd\ufffd here"]
+    with pytest.raises(DataError, match="not valid UTF-8: line 2"):
+        list(open_corpus(str(tmp_path), strict=True).lines("valid"))
+
+
+def test_binary_file_is_refused(tmp_path):
+    _three_splits(tmp_path)
+    (tmp_path / "train.txt").write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(DataError, match="binary"):
+        list(open_corpus(str(tmp_path)).lines("train"))
+
+
+def test_huge_line_without_newline_is_read_in_pieces_cut_at_whitespace(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "MAX_LINE_BYTES", 64)
+    words = [f"w{i}" for i in range(300)]
+    (tmp_path / "big.txt").write_text(" ".join(words))  # one line, no newline at all
+    with pytest.warns(DataWarning, match="line\\(s\\) longer than 64 bytes were cut"):
+        pieces = list(corpus_module._read_lines(tmp_path / "big.txt"))
+    assert len(pieces) > 10 and all(len(p.encode()) <= 64 for p in pieces)
+    assert " ".join(pieces).split() == words  # no word was split or lost
+
+
+def test_empty_splits_are_clear_errors(tmp_path):
+    _three_splits(tmp_path)
     c = open_corpus(str(tmp_path))
     tok = Tokenizer.train(c.lines("train"))
-    with pytest.raises(DataError, match="not UTF-8"):
-        token_stream(c, "valid", tok)
     (tmp_path / "test.txt").write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         token_stream(c, "test", tok)

@@ -33,3 +33,10 @@ def test_batch_one_equals_token_by_token_reference():
     r = evaluate(m, stream, bos_id=1, batch_size=1, bptt=10)
     assert math.isclose(r["loss"], total / 64, rel_tol=1e-5)
     assert math.isclose(r["bits_per_token"], r["loss"] / math.log(2))
+
+
+def test_word_level_perplexity_rescales_the_same_likelihood():
+    from lm.evaluate import add_word_level
+
+    r = add_word_level({"loss": 2.0, "tokens": 150}, words=100)
+    assert math.isclose(r["word_ppl"], math.exp(2.0 * 150 / 100)) and r["tokens_per_word"] == 1.5

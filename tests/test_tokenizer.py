@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import sentencepiece as spm
 
 from lm.config import TokenizerConfig
@@ -8,7 +10,7 @@ LINES = ["the cat sat on the mat", "", "the dog sat <unk> the log", "the the cat
 
 def test_standard_stream_one_eos_per_line_blank_lines_included():
     tok = Tokenizer.train(LINES)
-    ids = tok.encode_stream(LINES)
+    ids = np.concatenate(list(tok.encode_lines(LINES)))
     assert len(ids) == sum(len(l.split()) for l in LINES) + len(LINES)
     assert (ids == tok.eos_id).sum() == len(LINES)
 
@@ -53,8 +55,8 @@ def test_vocab_size_cap_and_min_count_keep_most_frequent():
 
 def test_decode_joins_words_and_turns_eos_into_newlines():
     tok = Tokenizer.train(LINES)
-    ids = tok.encode_stream(["the cat", "the dog"])
-    assert tok.decode(ids.tolist()) == "the cat\nthe dog\n"
+    ids = [i for ids in tok.encode_lines(["the cat", "the dog"]) for i in ids]
+    assert tok.decode(ids) == "the cat\nthe dog\n"
 
 
 def test_special_pieces_and_normalization_identity():
@@ -62,3 +64,16 @@ def test_special_pieces_and_normalization_identity():
     # identity normalization: NFKC would have folded these into ASCII
     assert "Ｆｕｌｌ" in tok.word_to_id and "ﬁ" in tok.word_to_id
     assert isinstance(spm.SentencePieceProcessor(model_proto=tok.model_bytes).get_piece_size(), int)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_subword_open_vocabulary_keeps_unk_and_eos_one_for_one(kind):
+    lines = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird") for v in ("red", "old")] * 20
+    tok = Tokenizer.train(lines, TokenizerConfig(kind=kind, vocab_size=320))
+    assert tok.subword and tok.vocab_size <= 320
+    ids = tok.encode_line("the zebra <unk> <unk> sat")
+    assert ids.count(tok.unk_id) == 2  # only the corpus's own <unk>: bytes cover the rest
+    assert tok.decode(ids).split() == ["the", "zebra", "<unk>", "<unk>", "sat"]
+    assert list(tok.encode_lines(["a b", ""]))[1] == [tok.eos_id]
+    again = Tokenizer.from_dict(tok.to_dict())
+    assert again.kind == kind and again.encode_line("the zebra sat") == tok.encode_line("the zebra sat")
