@@ -1,6 +1,7 @@
 # make train  : set up .venv (if no virtualenv is active), then train on the default corpus
 # make repl   : autocomplete REPL on the trained model
 # make test   : set up, then run the test suite (what CI runs)
+# make bench  : speed and memory benchmarks
 # Pass extra flags with ARGS, e.g.  make train ARGS="--epochs 2 --corpus ptb"
 
 SHELL := /bin/bash
@@ -20,7 +21,7 @@ CORPUS ?= wikitext-2
 RUN ?= checkpoints/$(CORPUS)
 CKPT ?= $(RUN)/best.pt
 
-.PHONY: install train eval repl test test-slow clean
+.PHONY: install train eval repl test test-slow bench clean
 
 install: $(STAMP)
 
@@ -46,6 +47,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: install
+	$(BIN)/lm bench $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache corpora/.cache

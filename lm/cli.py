@@ -178,6 +178,18 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lm.bench import run
+
+    results = run(args.only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(co, TokenizerConfig, "tokenizer")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=cmd_corpus)
+
+    b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")
+    b.add_argument("--only", nargs="+", choices=("cache",), help="run only these benchmarks")
+    b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -90,7 +90,7 @@ def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: n
     n = 0
     try:
         with open(tmp, "wb") as f, tqdm(desc=f"tokenizing {corpus.name} {split}", unit="tok",
-                                        unit_scale=True, disable=not progress, leave=False) as bar:
+                                        unit_scale=True, disable=None if progress else True, leave=False) as bar:
             for chunk in _chunks(corpus, split, tokenizer):
                 np.asarray(chunk, dtype).tofile(f)
                 n += len(chunk)

@@ -39,7 +39,7 @@ def evaluate(model: LSTMLM, stream: torch.Tensor, *, bos_id: int, batch_size: in
     hidden = None
     start = time.perf_counter()
     steps = range(0, x.size(1), bptt)
-    for i in tqdm(steps, desc=desc, unit="win", disable=not progress, leave=False):
+    for i in tqdm(steps, desc=desc, unit="win", disable=None if progress else True, leave=False):
         features, hidden = model(x[:, i : i + bptt], hidden)  # (B, T, D)
         nll = model.nll(features, y[:, i : i + bptt])  # (B, T)
         total += nll.masked_fill(~mask[:, i : i + bptt], 0.0).sum(dtype=torch.float64)

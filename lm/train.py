@@ -35,6 +35,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def budget_used(tc, epochs_done: float, step: int, seconds: float) -> float:
+    """Fraction of the training budget spent: the largest of the epoch, step and time
+    fractions, since whichever budget runs out first ends the run."""
+    used = epochs_done / tc.epochs
+    if tc.max_steps:
+        used = max(used, step / tc.max_steps)
+    if tc.max_minutes:
+        used = max(used, seconds / (tc.max_minutes * 60))
+    return min(used, 1.0)
+
+
+def anneal_factor(anneal: float, used: float) -> float:
+    """1 until the last ``anneal`` of the budget, then linearly down to 0 at its end."""
+    return 1.0 if anneal <= 0 else min(1.0, (1.0 - used) / anneal)
+
+
 def default_run_dir(cfg: Config) -> Path:
     name = Path(cfg.data.corpus).stem if ("/" in cfg.data.corpus or "." in cfg.data.corpus) else cfg.data.corpus
     return Path("checkpoints") / (name or "run")
@@ -89,8 +105,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
             hidden = None
             run_loss, run_tokens, t0 = 0.0, 0, time.monotonic()
             bar = tqdm(windows(data, dc.bptt), total=per_epoch, desc=f"epoch {epoch}/{tc.epochs}",
-                       unit="step", disable=not progress, dynamic_ncols=True)
-            for x, y in bar:
+                       unit="step", disable=None if progress else True, dynamic_ncols=True)
+            for i, (x, y) in enumerate(bar):
+                used = budget_used(tc, epoch - 1 + i / per_epoch, state["step"], time.monotonic() - start)
+                lr = state["lr"] * anneal_factor(tc.anneal, used)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 features, hidden = model(x, detach(hidden) if hidden else None)  # (B, T, D)
                 loss = model.nll(features, y).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -104,7 +124,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
                 if state["step"] % tc.log_every == 0:
                     avg = run_loss / run_tokens
                     bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}",
-                                    lr=f"{state['lr']:.3g}", tok_s=f"{run_tokens / (time.monotonic() - t0):,.0f}")
+                                    lr=f"{lr:.3g}", tok_s=f"{run_tokens / (time.monotonic() - t0):,.0f}")
                     if not math.isfinite(avg):
                         raise DataError(f"the training loss became {avg} at step {state['step']}: "
                                         "lower --lr or --clip and train again")
@@ -120,7 +140,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
                            batch_size=dc.eval_batch_size, progress=progress, desc="valid")
             state["elapsed"] = time.monotonic() - start
             improved = val["loss"] < state["best_val_loss"]
-            record = {"epoch": epoch, "step": state["step"], "lr": state["lr"], "train_loss": train_loss,
+            record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                       "train_ppl": perplexity(train_loss * run_tokens, run_tokens),
                       "valid_loss": val["loss"], "valid_ppl": val["ppl"],
                       "train_tokens_per_s": run_tokens / max(time.monotonic() - t0 - val["seconds"], 1e-9),
@@ -131,8 +151,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
                 save("best.pt", record)
             else:
                 state["lr"] *= tc.lr_decay
-                for group in optimizer.param_groups:
-                    group["lr"] = state["lr"]
                 if state["lr"] < tc.min_lr:
                     stop = stop or f"learning rate fell below --min-lr {tc.min_lr:g}"
             save("last.pt", record)

@@ -55,3 +55,16 @@ def test_same_seed_same_weights(tiny_corpus, tmp_path):
     wa = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
     wb = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["best_valid_ppl"] == b["best_valid_ppl"]
+
+
+def test_learning_rate_anneals_over_the_end_of_whichever_budget_ends_first():
+    from lm.config import TrainConfig
+    from lm.train import anneal_factor, budget_used
+
+    tc = TrainConfig(epochs=4, max_steps=1000, max_minutes=10)
+    assert budget_used(tc, 1.0, 100, 60) == 0.25  # epochs lead
+    assert budget_used(tc, 1.0, 500, 60) == 0.5  # steps lead
+    assert budget_used(tc, 1.0, 100, 540) == 0.9  # time leads
+    assert budget_used(tc, 9.0, 100, 60) == 1.0
+    assert anneal_factor(0.3, 0.5) == 1.0 and abs(anneal_factor(0.3, 0.85) - 0.5) < 1e-12
+    assert anneal_factor(0.3, 1.0) == 0.0 and anneal_factor(0.0, 0.99) == 1.0

@@ -1,0 +1,167 @@
+"""Natural text <-> WikiText-style tokens.
+
+WikiText was tokenized with the Moses tokenizer (English rules, aggressive hyphen
+splitting), then number separators were marked. ``pretokenize`` reproduces that so
+natural input matches a WikiText vocabulary; ``detokenize`` undoes it for display::
+
+    "Hello, well-known world. It's 3.5 km (1,000 m) away!"
+    "Hello , well @-@ known world . It 's 3 @.@ 5 km ( 1 @,@ 000 m ) away !"
+
+The rules, in the order they run:
+
+* Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
+  ``( ) " ; : ! ? % $ & / – —`` and so on. ``<unk>`` stays one token.
+* A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
+* A run of two or more dots (``...``) is its own token.
+* A comma or period between digits becomes ``@,@`` / ``@.@``; other commas split off.
+* ``X'Y`` splits before the apostrophe when ``'Y`` is a clitic (``it 's``, ``don 't``
+  -- WikiText splits before the apostrophe, not before ``n``). Other apostrophes
+  split off on both sides (``Girls '``, ``' quoted '``).
+* A word-final period splits off, except after an abbreviation with an inner period
+  (``U.S.``, ``e.g.``), a Moses non-breaking prefix (``Dr.``, ``St.``, ``A.``; ``No.``
+  only before a number), or when the next word starts in lower case.
+
+One deliberate difference: WikiText also splits ``O'Brien`` as ``O 'Brien``. We keep
+such words whole. Split, ``O 'Brien`` looks just like a quote opened after a word
+(``said 'Hello``), which the quote rule splits again (``said ' Hello``), so
+pretokenizing twice would not give the same result as pretokenizing once.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_PH = "\uFDD0"  # a Unicode noncharacter standing in for <unk> while regexes run
+
+
+def _chars(category_prefix: str) -> str:
+    # The Basic Multilingual Plane only: a class wholly inside it compiles to a bitmap,
+    # about ten times faster than one with astral characters.
+    chars = (chr(c) for c in range(0x10000))
+    return "".join(c for c in chars if unicodedata.category(c).startswith(category_prefix))
+
+
+# Python's \w misses combining marks (Moses counts them as letters) and includes
+# numeric symbols such as "²" and "½" (Moses splits those off).
+_MARKS, _NUM_SYMBOLS = re.escape(_chars("M")), re.escape(_chars("No"))
+_LETTER = rf"(?:(?![{_NUM_SYMBOLS}])[^\W\d_]|[{_MARKS}{_PH}])"
+_ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
+_CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b]")
+_SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|([^\w\s.'`,\-{_MARKS}{_PH}]|[_{_NUM_SYMBOLS}])")
+_HYPHEN = re.compile(rf"-(?<={_ALNUM}-)(?={_ALNUM})")
+_MULTIDOT = re.compile(r"\.{2,}")
+# <unk> counts as a digit next to a digit: WikiText replaced rare numbers ("1 @,@ <unk>").
+_NUMBER_SEP = re.compile(rf"([.,])(?:(?<=\d[.,])(?=[\d{_PH}])|(?<={_PH}[.,])(?=\d))")
+_COMMA = re.compile(r",(?:(?<!@,)|(?!@))")  # every comma but the one inside "@,@"
+_APOS_ALONE = re.compile(rf"'(?!{_LETTER})")
+_APOS_CLITIC = re.compile(rf"'(?:(?<={_LETTER}')(?={_CLITIC})|(?<=\d')(?=(?i:s)(?!{_LETTER})))")
+# An apostrophe before a letter splits off unless it follows a word, or is an
+# already split clitic ("it 's"), so that pretokenize is idempotent.
+_APOS_OPEN = re.compile(rf"'(?<!{_ALNUM}')(?={_LETTER})(?!(?<={_ALNUM} '){_CLITIC})")
+# Regexes that start with a literal run far faster: the engine skips ahead to it.
+_FINAL_PERIOD = re.compile(r"\.(?<=[^ .]\.)(?=$| (\S))")
+_HAS_LETTER = re.compile(_LETTER)
+
+# Moses' English non-breaking prefixes; _NUMERIC_ONLY ones only before a number.
+_NONBREAKING = frozenset(
+    [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    + """Adj Adm Adv Asst Bart Bldg Brig Bros Capt Cmdr Col Comdr Con Corp Cpl DR Dr Drs
+    Ens Gen Gov Hon Hr Hosp Insp Lt MM MR MRS MS Maj Messrs Mlle Mme Mr Mrs Ms Msgr Op
+    Ord Pfc Ph Prof Pvt Rep Reps Res Rev Rt Sen Sens Sfc Sgt Sr St Supt Surg v vs i.e
+    rev e.g Nos Nr Jan Feb Mar Apr Jun Jul Aug Sep Oct Nov Dec""".split()
+)
+_NUMERIC_ONLY = frozenset(["No", "Art", "pp"])
+
+
+def _final_period(m: re.Match[str]) -> str:
+    line, end = m.string, m.start()
+    pre, following = line[line.rfind(" ", 0, end) + 1 : end], m.group(1) or ""
+    keep = (
+        ("." in pre and _HAS_LETTER.search(pre) is not None)
+        or pre in _NONBREAKING
+        or following.islower()
+        or (pre in _NUMERIC_ONLY and (following.isdigit() or following == _PH))
+    )
+    return "." if keep else " ."
+
+
+def pretokenize(text: str) -> str:
+    """One line of natural text as WikiText-convention tokens joined by single spaces."""
+    text = " ".join(_CONTROL.sub("", text).split()).replace("<unk>", _PH)
+    text = _SPECIAL.sub(r" \1\2 ", text)
+    text = _HYPHEN.sub(" @-@ ", text)
+    text = _MULTIDOT.sub(r" \g<0> ", text)
+    text = _NUMBER_SEP.sub(r" @\1@ ", text)
+    text = _COMMA.sub(" , ", text)
+    if "'" in text:
+        text = _APOS_ALONE.sub(" ' ", text)
+        text = _APOS_CLITIC.sub(" '", text)
+        text = _APOS_OPEN.sub(" ' ", text)
+    # The period rule looks at the next word, so it runs once every other split is done.
+    text = _FINAL_PERIOD.sub(_final_period, " ".join(text.split()))
+    return text.replace(_PH, "<unk>")
+
+
+_GLUE = {"@-@": "-", "@,@": ",", "@.@": "."}
+_NO_SPACE_BEFORE = frozenset(", . ; : ! ? ) ] } % ... … n't".split())
+_NO_SPACE_AFTER = frozenset("( [ { $ £ € ¥ ₹ #".split())
+_CLITIC_TOKEN = re.compile(r"'[^\W\d_]")
+
+
+def _ends_word(token: str) -> bool:
+    return token == "<unk>" or token[-1].isalnum()
+
+
+def _starts_word(token: str | None) -> bool:
+    return bool(token) and (token == "<unk>" or token[0].isalnum())
+
+
+def _line(tokens: list[str]) -> str:
+    """Join one line's tokens; each token decides whether it sticks to either neighbour."""
+    out: list[str] = []
+    stick_next = True  # nothing goes before the first token
+    double_open = single_open = False
+    for i, tok in enumerate(tokens):
+        prev = tokens[i - 1] if i else None
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        text, left, right = _GLUE.get(tok, tok), tok in _NO_SPACE_BEFORE, tok in _NO_SPACE_AFTER
+        if tok in _GLUE or tok == "/":
+            left = right = True
+        elif tok == ":" and prev and nxt and prev[-1].isdigit() and nxt[0].isdigit():
+            left = right = True  # a time such as 2:30
+        elif tok == '"':
+            double_open = not double_open
+            left, right = not double_open, double_open
+        elif tok == "'":
+            # A lone apostrophe closes a quote or marks a plural possessive ("Girls'");
+            # it opens a quote only where neither reading fits.
+            opens = not single_open and _starts_word(nxt) and not (prev and prev[-1] in "sSzZ")
+            single_open = opens
+            left, right = not opens, opens
+        elif prev and _CLITIC_TOKEN.match(tok) and _ends_word(prev):
+            left = True
+        elif tok in (".", "...") and prev and prev[-1] == ".":
+            left = False  # ". . ." glued would read back as one "..." token
+        if out and not (stick_next or left):
+            out.append(" ")
+        out.append(text)
+        stick_next = right
+    return "".join(out)
+
+
+def detokenize(tokens: list[str]) -> str:
+    """Tokens as natural text; each ``<eos>`` becomes a newline."""
+    lines: list[list[str]] = [[]]
+    for tok in tokens:
+        if tok == "<eos>":
+            lines.append([])
+        else:
+            lines[-1].append(tok)
+    return "\n".join(_line(line) for line in lines)
+
+
+def detokenize_text(text: str) -> str:
+    """``detokenize`` for a whitespace-separated token string."""
+    return detokenize(text.split())
