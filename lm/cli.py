@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 
 from lm import __version__
-from lm.config import (Config, DataConfig, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig,
-                       add_flags, load_config_file, merge, overrides_from_args)
+from lm.config import (DataConfig, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig, add_flags,
+                       load_config_file, overrides_from_args)
 from lm.errors import ConfigError, LMError
 
 
@@ -29,10 +29,9 @@ def _print_json(obj) -> None:
 # -- train -------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lm.train import train
+    from lm.train import build_config, train
 
-    file_layer = load_config_file(args.config) if args.config else {}
-    cfg = Config.from_dict(merge(file_layer, overrides_from_args(args))).validate()
+    cfg = build_config(load_config_file(args.config) if args.config else {}, overrides_from_args(args))
     summary = train(cfg, Path(args.run) if args.run else None, progress=not args.quiet,
                     log=(lambda *a: None) if args.json else print)
     if args.json:
@@ -56,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     cfg, model, tokenizer, _ = load_model(args.checkpoint)
-    corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict)
+    corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict, held_out=cfg.data.held_out)
     stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
     result = evaluate(model, stream, bos_id=tokenizer.eos_id, batch_size=args.batch_size,
                       progress=not args.json, desc=args.split)
@@ -77,18 +76,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lm.checkpoint import load_model
-    from lm.sample import generate
+    from lm.sample import TextStream, generate
 
     sc = _sample_config(args)
     _, model, tok, _ = load_model(args.checkpoint)
-    prompt = [tok.eos_id] + [i for line_ids in tok.encode_lines(args.prompt.split("\n")) for i in line_ids][:-1]
-    if args.prompt:
-        sys.stdout.write(args.prompt)
+    prompt = [tok.eos_id] + tok.encode_typed(args.prompt)
+    last_line = prompt[len(prompt) - prompt[::-1].index(tok.eos_id):]
+    out = TextStream(tok, last_line)
+    sys.stdout.write(tok.render(prompt[1:]))
     t0, n = time.perf_counter(), 0
     for token in generate(model, prompt, args.max_words, temperature=sc.temperature, top_k=sc.top_k,
                           top_p=sc.top_p, seed=sc.seed, banned=[tok.unk_id]):
-        word = tok.words[token]
-        sys.stdout.write("\n" if token == tok.eos_id else (" " if n or args.prompt else "") + word)
+        sys.stdout.write(out.add(token))
         sys.stdout.flush()
         n += 1
     seconds = time.perf_counter() - t0
@@ -162,9 +161,11 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError(f"lm corpus {args.action} needs a corpus name or path")
     from lm.data import cache_dir, corpus_stats, load_tokenizer
+    from lm.train import build_config
 
-    corpus = open_corpus(args.name, strict=args.strict)
-    tokenizer = load_tokenizer(corpus, TokenizerConfig(**overrides_from_args(args).get("tokenizer", {})))
+    cfg = build_config({"data": {"corpus": args.name}}, overrides_from_args(args))
+    corpus = open_corpus(args.name, strict=args.strict, held_out=cfg.data.held_out)
+    tokenizer = load_tokenizer(corpus, cfg.tokenizer)
     stats = corpus_stats(corpus, tokenizer, progress=not args.json)
     if args.action == "prepare":
         stats["cache"] = str(cache_dir())

@@ -31,9 +31,12 @@ class TokenizerConfig:
     kind: str = opt("word", "word (one token per word, the benchmark streams), or unigram / bpe subwords")
     vocab_size: int = opt(0, "cap the vocabulary at this many entries; 0 = every training word (subword: 8000)")
     min_count: int = opt(1, "words seen fewer times than this in training map to <unk>")
+    text: str = opt("raw", "raw: natural prose, split WikiText-style before use; tokenized: already split (benchmarks)")
+    lowercase: bool = opt(False, "fold all text to lower case (training and typed)")
 
     def validate(self) -> None:
         _choice("kind", self.kind, ("word", "unigram", "bpe"))
+        _choice("text", self.text, ("raw", "tokenized"))
         _at_least("vocab_size", self.vocab_size, 0)
         if 0 < self.vocab_size < 3:
             raise ConfigError("--vocab-size must be 0 (no cap) or at least 3")
@@ -49,6 +52,7 @@ class DataConfig:
     bptt: int = opt(35, "truncated-BPTT window T, in tokens")
     eval_batch_size: int = opt(10, "lanes for evaluation; 1 is the exact reference setting")
     strict: bool = opt(False, "refuse text with invalid UTF-8 instead of replacing the bad bytes")
+    held_out: float = opt(0.05, "fraction of lines held out for valid and for test when a corpus has no split files")
 
     def validate(self) -> None:
         if not self.corpus.strip():
@@ -56,6 +60,7 @@ class DataConfig:
         _between("batch_size", self.batch_size, 1, 65536)
         _between("bptt", self.bptt, 1, 100000)
         _between("eval_batch_size", self.eval_batch_size, 1, 65536)
+        _between("held_out", self.held_out, 0.001, 0.4)
 
 
 @dataclass
@@ -80,9 +85,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(4, "passes over the training split")
+    epochs: int = opt(3, "passes over the training split")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no limit")
-    max_minutes: float = opt(12.0, "stop (and keep the best checkpoint) after this much training; 0 = no limit")
+    max_minutes: float = opt(15.0, "stop (and keep the best checkpoint) after this much training; 0 = no limit")
     lr: float = opt(20.0, "initial SGD learning rate")
     lr_decay: float = opt(0.25, "multiply the learning rate by this when validation stops improving")
     min_lr: float = opt(0.01, "stop early once a decay would go below this learning rate")

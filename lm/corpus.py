@@ -95,7 +95,7 @@ class HeldOutFiles(Corpus):
     fraction becoming test and the fraction before it valid (contiguous blocks, so that
     no held-out sentence has its neighbours in training)."""
 
-    def __init__(self, name: str, files: list[Path], where: str):
+    def __init__(self, name: str, files: list[Path], where: str, held_out: float = HELD_OUT):
         super().__init__(name, where)
         self.files = files
         n = sum(_count_lines(f) for f in files)
@@ -103,7 +103,7 @@ class HeldOutFiles(Corpus):
             raise DataError(f"{where} has {n} line(s): a corpus with no valid/test files needs "
                             "at least 3 lines to hold some out (or give a directory with "
                             "train.txt, valid.txt and test.txt)")
-        held = max(1, int(n * HELD_OUT))
+        held = max(1, int(n * held_out))
         self.bounds = {"train": (0, n - 2 * held), "valid": (n - 2 * held, n - held), "test": (n - held, n)}
 
     def lines(self, split: str) -> Iterator[str]:
@@ -154,17 +154,16 @@ class HubCorpus(Corpus):
         return f"{h}-{split}"
 
 
-def open_corpus(spec: str, strict: bool = False) -> Corpus:
-    """A corpus from a registered name, a directory, a file or a glob."""
-    corpus = _open(spec)
+def open_corpus(spec: str, strict: bool = False, held_out: float = HELD_OUT) -> Corpus:
+    """A corpus from a registered name, a directory, a file or a glob. Files without
+    valid/test splits of their own hold out ``held_out`` of their lines for each."""
+    entries = registry()
+    corpus = _from_entry(spec, entries[spec], held_out) if spec in entries else _open_path(spec, held_out)
     corpus.strict = strict
     return corpus
 
 
-def _open(spec: str) -> Corpus:
-    entries = registry()
-    if spec in entries:
-        return _from_entry(spec, entries[spec])
+def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
     path = Path(spec).expanduser()
     if path.is_dir():
         files = {s: _find_split(path, s) for s in SPLITS}
@@ -174,24 +173,28 @@ def _open(spec: str) -> Corpus:
                 raise DataError(f"{path} has a train file but no {' or '.join(missing)} file: "
                                 f"add {', '.join(m + '.txt' for m in missing)}, or remove train.txt "
                                 "to have a fraction held out automatically")
-            return SplitFiles(path.name, files, str(path))
+            return SplitFiles(name or path.name, files, str(path))
         texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".tokens", ""))
         texts = [p for p in texts if not any(part.startswith(".") for part in p.relative_to(path).parts)]
         if not texts:
             raise DataError(f"{path} holds no .txt files: put your text in .txt files there")
-        return HeldOutFiles(path.name, texts, str(path))
+        return HeldOutFiles(name or path.name, texts, str(path), held_out)
     if path.is_file():
-        return HeldOutFiles(path.stem, [path], str(path))
+        return HeldOutFiles(name or path.stem, [path], str(path), held_out)
     matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
     if matches and any(ch in spec for ch in "*?["):
-        return HeldOutFiles(path.stem.replace("*", "") or "glob", matches, spec)
-    names = ", ".join(entries) or "none"
+        return HeldOutFiles(name or path.stem.replace("*", "") or "glob", matches, spec, held_out)
+    names = ", ".join(registry()) or "none"
     raise DataError(f"corpus {spec!r} not found: not a registered name ({names}), "
                     "nor an existing file or directory")
 
 
-def _from_entry(name: str, entry: dict) -> Corpus:
+def _from_entry(name: str, entry: dict, held_out: float) -> Corpus:
     expected = {"tokens": entry.get("tokens", {}), "vocab": entry.get("vocab")}
+    if "path" in entry:  # a user's own entry: a directory, file or glob on this machine
+        corpus = _open_path(str(Path(entry["_file"]).parent / Path(entry["path"]).expanduser()), held_out, name)
+        corpus.expected = expected
+        return corpus
     mirror = entry.get("mirror", name)
     for root in mirror_dirs():
         d = root / mirror

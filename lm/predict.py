@@ -51,7 +51,7 @@ class Predictor:
         return self.model.log_probs(features[0, -1]).float().cpu()  # (V,)
 
     def feed_words(self, words: list[str]) -> None:
-        """Advance the context by whole words (one model call for all of them)."""
+        """Advance the context by whole (already pretokenized) words, one model call."""
         if words:
             ids = [self.tok.word_to_id.get(w, self.tok.unk_id) for w in words]
             self.history.extend(ids)
@@ -74,9 +74,10 @@ class Predictor:
         return [(self.tok.words[int(ids[j])], float(p)) for p, j in zip(top.values, top.indices)]
 
     def split_partial(self, text: str) -> tuple[list[str], str]:
-        """(complete words, partial word). The text ends inside a word when it does not
-        end in whitespace and its last word is not a whole vocabulary word."""
-        words = text.split()
+        """(complete words, partial word) of typed natural text. The text ends inside a
+        word when it does not end in whitespace and its last token is not a whole
+        vocabulary word: "Hello, wor" -> (["Hello", ","], "wor")."""
+        words = self.tok.typed_words(text)
         if words and not text[-1].isspace() and words[-1] not in self.tok.word_to_id:
             return words[:-1], words[-1]
         return words, ""

@@ -59,7 +59,7 @@ class Repl:
             self.words, self.pending = [], ""
             return "context cleared", True
         if name == "context":
-            text = " ".join(self.words + ([self.pending] if self.pending else []))
+            text = self.pred.tok.display(self.words + ([self.pending] if self.pending else []))
             return f"context: {text[-200:] or '(empty)'}", True
         if name == "k":
             if not arg.isdigit() or not 1 <= int(arg) <= MAX_K:

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from lm.model import LSTMLM
+from lm.tokenizer import Tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -46,3 +47,21 @@ def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperatu
         token = sample_next(logits, temperature, top_k, top_p, generator)
         yield token
         x = torch.tensor([[token]], device=device)
+
+
+class TextStream:
+    """Turns sampled ids into display text piece by piece: each call returns only what
+    the new token adds to the rendered line (a word, ", ", "-", a newline)."""
+
+    def __init__(self, tokenizer: Tokenizer, line: list[int]):
+        self.tok, self.line = tokenizer, list(line)
+        self.shown = len(tokenizer.render(self.line))
+
+    def add(self, token: int) -> str:
+        if token == self.tok.eos_id:
+            self.line, self.shown = [], 0
+            return "\n"
+        self.line.append(token)
+        text = self.tok.render(self.line)
+        new, self.shown = text[self.shown:], len(text)
+        return new

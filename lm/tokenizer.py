@@ -24,6 +24,7 @@ import sentencepiece as spm
 
 from lm.config import TokenizerConfig
 from lm.errors import DataError
+from lm.text import detokenize, pretokenize
 
 UNK, EOS = "<unk>", "<eos>"
 SUBWORD_KINDS = ("unigram", "bpe")
@@ -34,10 +35,14 @@ _WS = "\u2581"  # SentencePiece's word-boundary marker, prefixed to every word p
 
 
 class Tokenizer:
-    """Maps text to token ids and back. Everything it needs is in ``model_bytes``."""
+    """Maps text to token ids and back. Everything it needs is in ``model_bytes`` and
+    its text convention: ``tokenized`` text (the benchmark corpora) is used as it is,
+    ``raw`` prose is split WikiText-style first (``lm.text.pretokenize``); ``lowercase``
+    folds case everywhere. What a user types is always pretokenized, so "world," meets
+    the vocabulary's "world" and ",", whichever convention the model was trained on."""
 
-    def __init__(self, model_bytes: bytes, kind: str = "word"):
-        self.kind = kind
+    def __init__(self, model_bytes: bytes, kind: str = "word", text: str = "tokenized", lowercase: bool = False):
+        self.kind, self.text, self.lowercase = kind, text, lowercase
         self.model_bytes = bytes(model_bytes)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         self.unk_id = self.sp.unk_id()
@@ -59,6 +64,9 @@ class Tokenizer:
         adaptive softmax can cut it into clusters by id)."""
         cfg = cfg or TokenizerConfig()
         cfg.validate()
+        prepare = _preparer(cfg.text, cfg.lowercase)
+        if prepare:
+            lines = map(prepare, lines)
         if cfg.kind in SUBWORD_KINDS:
             return cls._train_subword(lines, cfg)
         counts: collections.Counter[str] = collections.Counter()
@@ -88,7 +96,7 @@ class Tokenizer:
             )
         except RuntimeError as e:
             raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
-        return cls(model.getvalue(), cfg.kind)
+        return cls(model.getvalue(), cfg.kind, cfg.text, cfg.lowercase)
 
     @classmethod
     def _train_subword(cls, lines: Iterable[str], cfg: TokenizerConfig) -> "Tokenizer":
@@ -110,7 +118,7 @@ class Tokenizer:
             )
         except RuntimeError as e:
             raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
-        return cls(model.getvalue(), cfg.kind)
+        return cls(model.getvalue(), cfg.kind, cfg.text, cfg.lowercase)
 
     # -- encoding --------------------------------------------------------------------
     @property
@@ -127,6 +135,9 @@ class Tokenizer:
 
     def encode_lines(self, lines: Iterable[str]) -> Iterator[list[int]]:
         """Ids of each line followed by <eos>: the standard stream, one list per line."""
+        prepare = _preparer(self.text, self.lowercase)
+        if prepare:
+            lines = map(prepare, lines)
         if self.subword:
             yield from self._encode_subword(lines)
             return
@@ -152,6 +163,32 @@ class Tokenizer:
                 ids.append(self.eos_id)
                 yield ids
 
+    def typed_words(self, text: str) -> list[str]:
+        """What a user typed, split as the training text was: "Hello, world." ->
+        ["Hello", ",", "world", "."]."""
+        return pretokenize(text.lower() if self.lowercase else text).split()
+
+    def encode_typed(self, text: str) -> list[int]:
+        """Ids of typed text (pretokenized whatever the convention); a newline is <eos>."""
+        lines = [" ".join(self.typed_words(line)) for line in text.split("\n")]
+        if self.subword:
+            ids = [i for line in self._encode_subword(lines) for i in line]
+        else:
+            get, unk = self.word_to_id.get, self.unk_id
+            ids = [get(w, unk) if w != EOS else self.eos_id for w in f" {EOS} ".join(lines).split()] + [self.eos_id]
+        return ids[:-1]
+
+    def display(self, words: list[str]) -> str:
+        """Tokens as natural text: "Hello , world ." -> "Hello, world."."""
+        return detokenize(words)
+
+    def render(self, ids: list[int]) -> str:
+        """Ids as natural text, for people: words joined by the WikiText display rules,
+        pieces by SentencePiece; <eos> is a newline."""
+        if self.subword:
+            return self.decode(ids)
+        return detokenize([EOS if i == self.eos_id else self.words[i] for i in ids])
+
     def decode(self, ids: Iterable[int]) -> str:
         """Words joined by spaces; <eos> becomes a newline."""
         if self.subword:  # pieces per line, the corpus's <unk> words kept as words
@@ -171,12 +208,23 @@ class Tokenizer:
 
     # -- serialization ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "model": self.model_bytes}
+        return {"kind": self.kind, "model": self.model_bytes, "text": self.text, "lowercase": self.lowercase}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
-        return cls(d["model"], d.get("kind", "word"))
+        return cls(d["model"], d.get("kind", "word"), d.get("text", "tokenized"), d.get("lowercase", False))
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.model_bytes).hexdigest()[:16]
+        """Changes whenever encoding could: the vocabulary, kind or text convention."""
+        h = hashlib.sha256(self.model_bytes)
+        h.update(f"|{self.kind}|{self.text}|{self.lowercase}".encode())
+        return h.hexdigest()[:16]
+
+
+def _preparer(text: str, lowercase: bool):
+    """The per-line preparation a text convention needs, or None when lines are used as
+    they are (the benchmark path stays a plain split)."""
+    if text == "raw":
+        return (lambda line: pretokenize(line.lower())) if lowercase else pretokenize
+    return str.lower if lowercase else None

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from lm import checkpoint
 from lm.batching import batchify, n_windows, windows
-from lm.config import Config
-from lm.corpus import open_corpus
+from lm.config import Config, DataConfig, merge
+from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
 from lm.errors import DataError
 from lm.evaluate import evaluate, perplexity
@@ -33,6 +33,14 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
     return torch.device(name)
+
+
+def build_config(*layers: dict) -> Config:
+    """The run's config: dataclass defaults, then the corpus's registry defaults (e.g.
+    its text convention), then ``layers`` in order (a config file, then flags)."""
+    merged = merge(*layers)
+    entry = registry().get(merged.get("data", {}).get("corpus", DataConfig().corpus), {})
+    return Config.from_dict(merge(entry.get("defaults", {}), merged)).validate()
 
 
 def budget_used(tc, epochs_done: float, step: int, seconds: float) -> float:
@@ -66,7 +74,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, lo
     threads = set_threads(tc.threads)
     device = pick_device(tc.device)
 
-    corpus = open_corpus(dc.corpus, strict=dc.strict)
+    corpus = open_corpus(dc.corpus, strict=dc.strict, held_out=dc.held_out)
     tokenizer = load_tokenizer(corpus, cfg.tokenizer)
     train_ids = token_stream(corpus, "train", tokenizer, progress=progress)
     valid_ids = token_stream(corpus, "valid", tokenizer, progress=progress)

@@ -48,3 +48,11 @@ def test_partial_word_rule(tiny_run):
     assert p.split_partial("the pres") == (["the"], "pres")
     assert p.split_partial("the pres ") == (["the", "pres"], "")
     assert p.split_partial("") == ([], "")
+
+
+def test_typed_text_is_split_like_the_training_text(tiny_run):
+    p, tok = load(tiny_run)
+    # punctuation attached to a word is split off, as the WikiText convention does
+    assert p.split_partial("the cat sat.") == (["the", "cat", "sat", "."], "")
+    assert p.split_partial("the cat sat. The pr") == (["the", "cat", "sat", ".", "The"], "pr")
+    assert p.complete_text("the cat sat.", 3).items == p.complete_text("the cat sat .", 3).items

@@ -26,3 +26,14 @@ def test_same_seed_same_text_and_banned_never_drawn(tiny_run):
     b = list(generate(model, prompt, 40, seed=3, banned=[tok.unk_id]))
     c = list(generate(model, prompt, 40, seed=4, banned=[tok.unk_id]))
     assert a == b and a != c and tok.unk_id not in a and len(a) == 40
+
+
+def test_text_stream_pieces_add_up_to_the_rendered_text():
+    from lm.config import TokenizerConfig
+    from lm.sample import TextStream
+    from lm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(['He said " a well-known , long road " ( 3.5 km ) .'], TokenizerConfig(text="raw"))
+    ids = tok.encode_typed('He said "a well-known, long road" (3.5 km).\nHe said')
+    stream = TextStream(tok, [])
+    assert "".join(stream.add(i) for i in ids) == 'He said "a well-known, long road" (3.5 km).\nHe said'

@@ -77,3 +77,46 @@ def test_subword_open_vocabulary_keeps_unk_and_eos_one_for_one(kind):
     assert list(tok.encode_lines(["a b", ""]))[1] == [tok.eos_id]
     again = Tokenizer.from_dict(tok.to_dict())
     assert again.kind == kind and again.encode_line("the zebra sat") == tok.encode_line("the zebra sat")
+
+
+PROSE = ["Hello, world. It's 3.5 km away!", "The well-known (and long) road, they said.",
+         "It's here: 1,000 people went."]
+
+
+def test_raw_mode_splits_prose_and_renders_it_back():
+    tok = Tokenizer.train(PROSE, TokenizerConfig(text="raw"))
+    for w in ("Hello", ",", "world", ".", "'s", "3", "@.@", "@-@", "(", ")"):
+        assert w in tok.word_to_id
+    for line in PROSE:  # natural text -> tokens -> natural text, exactly
+        ids = tok.encode_line(line)
+        assert tok.unk_id not in ids
+        assert tok.render(ids) == line
+
+
+def test_typed_text_meets_a_tokenized_vocabulary():
+    tok = Tokenizer.train(["Hello , world . It 's fine ."], TokenizerConfig(text="tokenized"))
+    assert tok.encode_line("Hello , world .") == tok.encode_typed("Hello, world.")
+    assert tok.unk_id not in tok.encode_typed("Hello, world. It's fine.")
+    # the stream itself is left alone: unsplit "world." is one unknown word there
+    assert tok.encode_line("world.") == [tok.unk_id]
+    assert tok.encode_typed("Hello\nworld") == [tok.word_to_id["Hello"], tok.eos_id, tok.word_to_id["world"]]
+
+
+def test_lowercase_folds_training_and_typed_text_and_is_stored():
+    tok = Tokenizer.train(["the cat sat"], TokenizerConfig(text="tokenized", lowercase=True))
+    assert tok.encode_typed("The CAT sat") == tok.encode_line("the cat sat")
+    again = Tokenizer.from_dict(tok.to_dict())
+    assert (again.text, again.lowercase) == ("tokenized", True) and again.fingerprint == tok.fingerprint
+    other = Tokenizer(tok.model_bytes, "word", "raw", True)
+    assert other.fingerprint != tok.fingerprint  # same vocabulary, different encoding
+
+
+def test_typed_prose_on_the_wikitext2_vocabulary_stays_in_vocabulary(mirror):
+    if mirror is None:
+        pytest.skip("no local corpus mirror (set LM_CORPORA)")
+    lines = (mirror / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines()
+    tok = Tokenizer.train(lines, TokenizerConfig(text="tokenized"))
+    words = tok.typed_words("However, world. It's 3.5 km away, well-known (1,000 m)!")
+    assert words == ["However", ",", "world", ".", "It", "'s", "3", "@.@", "5", "km", "away", ",", "well",
+                     "@-@", "known", "(", "1", "@,@", "000", "m", ")", "!"]
+    assert tok.unk_id not in tok.encode_typed("However, world. It's 3.5 km away, well-known (1,000 m)!")
