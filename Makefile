@@ -2,7 +2,7 @@
 # make repl   : autocomplete REPL on the trained model
 # make test   : set up, then run the test suite (what CI runs)
 # make bench  : speed and memory benchmarks
-# Pass extra flags with ARGS, e.g.  make train ARGS="--epochs 2 --corpus ptb"
+# Pass extra flags with ARGS, e.g.  make train ARGS="--epochs 2 --overwrite"
 
 SHELL := /bin/bash
 PYTHON ?= python3

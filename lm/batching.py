@@ -25,16 +25,24 @@ def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
     return stream[: n * batch_size].view(batch_size, n).contiguous()
 
 
-def n_windows(data: torch.Tensor, bptt: int) -> int:
-    """Windows per pass over batchified ``data``: every column but the last is an input."""
-    return max(0, -(-(data.size(1) - 1) // bptt))
+def bptt_windows(data: torch.Tensor, bptt: int, start: int = 0, rng: torch.Generator | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(position, x, y) over batchified ``data`` from column ``start``; x, y: (B, T).
 
-
-def windows(data: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) pairs of shape (B, T) over batchified ``data``, from window ``start`` on."""
-    for i in range(start * bptt, data.size(1) - 1, bptt):
-        t = min(bptt, data.size(1) - 1 - i)
-        yield data[:, i : i + t], data[:, i + 1 : i + 1 + t]
+    With ``rng``, each window's length is drawn as in AWD-LSTM: around ``bptt`` (95%) or
+    ``bptt / 2`` (5%), normal with deviation 5, at least 5 and at most ``bptt + 10``;
+    every column is still used exactly once per pass. The draws come from ``rng`` alone,
+    so saving its state saves the position in the sequence of lengths."""
+    last = data.size(1) - 1
+    i = start
+    while i < last:
+        t = bptt
+        if rng is not None:
+            base = bptt if torch.rand((), generator=rng).item() < 0.95 else bptt / 2
+            t = min(bptt + 10, max(5, int(base + 5 * torch.randn((), generator=rng).item())))
+        t = min(t, last - i)
+        yield i, data[:, i : i + t], data[:, i + 1 : i + 1 + t]
+        i += t
 
 
 def eval_lanes(stream: torch.Tensor, batch_size: int, bos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,6 +35,10 @@ def save(ckpt: dict, path: str | Path) -> Path:
     """Write atomically: a temporary file in the same directory, fsync, then rename, so a
     crash or a full disk leaves the previous checkpoint untouched."""
     path = Path(path)
+    bad = [k for k, v in ckpt.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: weights {bad[0]} are not finite (NaN or inf); "
+                              "the previous checkpoint is kept. Lower --lr or --clip and resume from it")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

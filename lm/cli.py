@@ -29,10 +29,19 @@ def _print_json(obj) -> None:
 # -- train -------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lm.train import build_config, train
+    from lm.recipes import recipe
+    from lm.train import build_config, default_run_dir, resume_config, train
 
-    cfg = build_config(load_config_file(args.config) if args.config else {}, overrides_from_args(args))
-    summary = train(cfg, Path(args.run) if args.run else None, progress=not args.quiet,
+    flags = overrides_from_args(args)
+    if args.resume:
+        run = Path(args.resume)
+        cfg = resume_config(run, flags)
+    else:
+        layers = [recipe(args.recipe)] if args.recipe else []
+        layers.append(load_config_file(args.config) if args.config else {})
+        cfg = build_config(*layers, flags)
+        run = Path(args.run) if args.run else default_run_dir(cfg)
+    summary = train(cfg, run, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
                     log=(lambda *a: None) if args.json else print)
     if args.json:
         _print_json(summary)
@@ -41,6 +50,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {summary['epochs']} epoch(s), {summary['steps']:,} steps in {summary['minutes']:.1f} min "
               f"({summary['stopped']}); best valid ppl {best:.2f} -> {summary['checkpoint']}"
               if best is not None else f"stopped before the first evaluation ({summary['stopped']})")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lm.recipes import RECIPES, to_toml
+
+    names = [args.name] if args.name else list(RECIPES)
+    print("\n\n".join(to_toml(n) for n in names) if args.name or args.verbose else
+          "\n".join(f"{n:<10} {RECIPES[n]['description']}" for n in names))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lm.plot import plot_run
+
+    out = plot_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
     return 0
 
 
@@ -199,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model on a corpus")
-    t.add_argument("--run", metavar="DIR", help="run directory for checkpoints (default: checkpoints/CORPUS)")
+    t.add_argument("--run", "--run-dir", metavar="DIR", dest="run",
+                   help="run directory for checkpoints (default: checkpoints/CORPUS); under torchrun "
+                        "write --run-dir, since torchrun reads --run as its own --run-path")
+    t.add_argument("--recipe", metavar="NAME", help="start from a named recipe (lm recipes); flags override it")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --run")
     t.add_argument("--config", metavar="FILE", help="TOML file with [tokenizer] [data] [model] [train] tables")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -245,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(co, TokenizerConfig, "tokenizer")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=cmd_corpus)
+
+    rc = sub.add_parser("recipes", help="list the named training recipes, or print one as TOML")
+    rc.add_argument("name", nargs="?", help="a recipe to print in full")
+    rc.add_argument("-v", "--verbose", action="store_true", help="print every recipe in full")
+    rc.set_defaults(func=cmd_recipes)
+
+    pl = sub.add_parser("plot", help="draw a run's loss and perplexity curves to a PNG (needs matplotlib)")
+    pl.add_argument("run", help="run directory with metrics.jsonl")
+    pl.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")
     b.add_argument("--only", nargs="+", choices=("cache",), help="run only these benchmarks")

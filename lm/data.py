@@ -49,7 +49,7 @@ def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) 
     path = cache_dir() / f"{_safe(corpus.name)}.tokenizer.{key}.model"
     if cache and path.is_file():
         try:
-            return Tokenizer(path.read_bytes(), cfg.kind)
+            return Tokenizer(path.read_bytes(), cfg.kind, cfg.text, cfg.lowercase)
         except Exception:  # a damaged cache entry is rebuilt, never fatal
             path.unlink(missing_ok=True)
     tokenizer = Tokenizer.train(corpus.lines("train"), cfg)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
+from lm.regularizers import LSTMLayer, embedding_dropout, locked_dropout
 
 Hidden = list[tuple[Tensor, Tensor]]  # per layer: (h, c), each (1, B, H_layer)
 
@@ -35,8 +36,7 @@ class LSTMLM(nn.Module):
         # the (shared) embedding vectors in the head.
         sizes = [H] * (L - 1) + [E if cfg.tie_weights else H]
         ins = [E] + sizes[:-1]
-        self.layers = nn.ModuleList(nn.LSTM(i, o, batch_first=True) for i, o in zip(ins, sizes))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(LSTMLayer(i, o, cfg.weight_drop) for i, o in zip(ins, sizes))
         tied = self.embedding.weight if cfg.tie_weights else None
         if cfg.head == "adaptive":
             self.head: nn.Module = AdaptiveSoftmax(sizes[-1], vocab_size, cfg.cutoffs, tied)
@@ -48,15 +48,20 @@ class LSTMLM(nn.Module):
     def vocab_size(self) -> int:
         return self.embedding.num_embeddings
 
-    def forward(self, x: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
-        """x: (B, T) token ids -> features (B, T, D) and the new hidden state."""
-        h = self.drop(self.embedding(x))  # (B, T, E)
+    def forward(self, x: Tensor, hidden: Hidden | None = None, return_raw: bool = False):
+        """x: (B, T) token ids -> features (B, T, D) and the new hidden state; with
+        ``return_raw`` also the last layer's output before dropout (for TAR)."""
+        cfg, train = self.cfg, self.training
+        h = embedding_dropout(self.embedding, x, cfg.dropout_embed, train)  # (B, T, E)
+        h = locked_dropout(h, cfg.dropout_input, train)
         new_hidden: Hidden = []
         for i, layer in enumerate(self.layers):
             h, state = layer(h, None if hidden is None else hidden[i])  # (B, T, H_i)
             new_hidden.append(state)
-            h = self.drop(h)
-        return h, new_hidden
+            raw = h
+            last = i == len(self.layers) - 1
+            h = locked_dropout(h, cfg.dropout if last else cfg.dropout_hidden, train)
+        return (h, new_hidden, raw) if return_raw else (h, new_hidden)
 
     def nll(self, features: Tensor, targets: Tensor) -> Tensor:
         """Negative log-likelihood of each target: (..., D), (...) -> (...)."""

@@ -1,23 +1,63 @@
-"""The training loop: SGD, gradient clipping, learning-rate decay on a plateau."""
+"""The training loop: optimisers, regularisation, budgets, checkpoints and exact resume.
+
+``train(cfg, run_dir)`` reads top to bottom: data, model, optimiser, then epochs of
+truncated-BPTT steps with an evaluation on the validation split at each epoch's end.
+Everything a step depends on (weights, optimiser and averaging state, learning rate,
+RNG states, the position in the data and the LSTM state carried across windows) is in
+``last.pt``, so ``--resume`` continues bit for bit where a run stopped, even after a
+SIGKILL between two periodic saves.
+
+Data parallel: started by ``torchrun --nproc_per_node=N -m lm train ...``, each rank
+trains on its own contiguous slice of the token stream and gradients are averaged with
+one all-reduce per step (gloo on CPU, nccl on GPU); rank 0 alone writes files.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from lm import checkpoint
-from lm.batching import batchify, n_windows, windows
+from lm.batching import batchify, bptt_windows
 from lm.config import Config, DataConfig, merge
 from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
-from lm.errors import DataError
+from lm.errors import ConfigError, DataError
 from lm.evaluate import evaluate, perplexity
 from lm.model import LSTMLM, detach
+from lm.regularizers import activation_reg, temporal_activation_reg
+from lm.tokenizer import Tokenizer
+
+FAIL_AT_STEP = "LM_FAIL_AT_STEP"  # fault injection for tests: SIGKILL this process after that step
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_every", "patience", "log_every", "threads", "device"}
+
+
+def build_config(*layers: dict) -> Config:
+    """The run's config: dataclass defaults, then the corpus's registry defaults (e.g.
+    its text convention), then ``layers`` in order (a recipe, a config file, flags)."""
+    merged = merge(*layers)
+    entry = registry().get(merged.get("data", {}).get("corpus", DataConfig().corpus), {})
+    return Config.from_dict(merge(entry.get("defaults", {}), merged)).validate()
+
+
+def resume_config(run_dir: Path, overrides: dict) -> Config:
+    """The config of the run in ``run_dir``; only budgets and logistics may change."""
+    saved = checkpoint.load(run_dir / "last.pt")["config"]
+    for section, values in overrides.items():
+        fixed = {k: v for k, v in values.items() if not (section == "train" and k in RESUMABLE)}
+        changed = [k for k, v in fixed.items() if saved.get(section, {}).get(k) != v]
+        if changed:
+            raise ConfigError(f"--{changed[0].replace('_', '-')} cannot change when resuming; only "
+                              "budgets (--epochs, --max-steps, --max-minutes) and logistics can")
+    return Config.from_dict(merge(saved, overrides)).validate()
 
 
 def set_threads(threads: int) -> int:
@@ -27,20 +67,12 @@ def set_threads(threads: int) -> int:
     return n
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-    return torch.device(name)
-
-
-def build_config(*layers: dict) -> Config:
-    """The run's config: dataclass defaults, then the corpus's registry defaults (e.g.
-    its text convention), then ``layers`` in order (a config file, then flags)."""
-    merged = merge(*layers)
-    entry = registry().get(merged.get("data", {}).get("corpus", DataConfig().corpus), {})
-    return Config.from_dict(merge(entry.get("defaults", {}), merged)).validate()
+    return torch.device(f"cuda:{rank % torch.cuda.device_count()}" if name == "cuda" else "cpu")
 
 
 def budget_used(tc, epochs_done: float, step: int, seconds: float) -> float:
@@ -64,117 +96,315 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("checkpoints") / (name or "run")
 
 
-def train(cfg: Config, run_dir: Path | None = None, *, progress: bool = True, log=print) -> dict:
-    """Train a model as ``cfg`` says, writing best.pt, last.pt and metrics.jsonl into
-    ``run_dir``. Returns the summary (also the last line of metrics.jsonl)."""
+def make_optimizer(tc, model: torch.nn.Module, lr: float, averaging: bool) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
+    if averaging:  # NT-ASGD's second phase: SGD steps, plus a running average of the weights
+        return torch.optim.ASGD(params, lr=lr, t0=0, lambd=0.0, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=tc.weight_decay)
+
+
+@contextmanager
+def averaged_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, on: bool):
+    """Swap the averaged weights of ASGD in (for evaluation and checkpoints), then back."""
+    if not on:
+        yield
+        return
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            if "ax" in optimizer.state.get(p, {}):
+                p.copy_(optimizer.state[p]["ax"])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
+
+
+def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, log=print) -> dict:
+    """Train as ``cfg`` says, writing best.pt, last.pt and metrics.jsonl into ``run_dir``
+    (with ``resume``, continue the run there). Returns the summary."""
     cfg.validate()
     tc, dc = cfg.train, cfg.data
     run_dir = Path(run_dir or default_run_dir(cfg))
-    torch.manual_seed(tc.seed)
-    threads = set_threads(tc.threads)
-    device = pick_device(tc.device)
+    if not resume and not overwrite and (run_dir / "last.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                          "choose another --run, or pass --overwrite to replace it")
+    rank, world = _init_distributed(tc)
+    lead = rank == 0
+    ckpt = checkpoint.load(run_dir / "last.pt") if resume else None
+    if ckpt and "rng" not in ckpt.get("state", {}):
+        raise ConfigError(f"{run_dir / 'last.pt'} has no loop state to resume from (an older format): "
+                          "start a new run")
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    threads = set_threads(tc.threads or max(1, len(os.sched_getaffinity(0)) // world))
+    device = pick_device(tc.device, rank)
 
     corpus = open_corpus(dc.corpus, strict=dc.strict, held_out=dc.held_out)
-    tokenizer = load_tokenizer(corpus, cfg.tokenizer)
-    train_ids = token_stream(corpus, "train", tokenizer, progress=progress)
-    valid_ids = token_stream(corpus, "valid", tokenizer, progress=progress)
+    tokenizer = Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt else load_tokenizer(corpus, cfg.tokenizer)
+    train_ids = _shard(token_stream(corpus, "train", tokenizer, progress=progress and lead), rank, world)
+    valid_ids = _shard(token_stream(corpus, "valid", tokenizer, progress=progress and lead), rank, world)
     if train_ids.numel() < 2 * dc.batch_size:
         raise DataError(f"the training split has {train_ids.numel()} tokens, fewer than two per "
                         f"lane of --batch-size {dc.batch_size}: lower --batch-size or add text")
     data = batchify(train_ids, dc.batch_size).to(device)  # (B, N / B)
-    per_epoch = n_windows(data, dc.bptt)
+    columns = data.size(1) - 1  # input positions per lane and epoch
 
     model = LSTMLM(cfg.model, tokenizer.vocab_size).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr)
+    state = {"epoch": 1, "pos": 0, "step": 0, "lr": tc.lr, "best_val_loss": math.inf, "bad_evals": 0,
+             "val_history": [], "averaging": False, "elapsed": 0.0, "epoch_loss": 0.0, "epoch_tokens": 0,
+             "log_loss": 0.0, "log_tokens": 0, "hidden": None}
+    bptt_rng = torch.Generator().manual_seed(tc.seed)
+    torch.manual_seed(tc.seed + 1000 * rank)  # dropout masks differ across ranks
+    if ckpt:
+        state = ckpt["state"]
+        model.load_state_dict(ckpt.get("raw_model") or ckpt["model"])
+    optimizer = make_optimizer(tc, model, state["lr"], state["averaging"])
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(state["rng"])
+        bptt_rng.set_state(state["bptt_rng"])
+    hidden = [(h.to(device), c.to(device)) for h, c in state["hidden"]] if state["hidden"] else None
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel():,} train / {valid_ids.numel():,} "
-        f"valid tokens, vocabulary {tokenizer.vocab_size:,}; model {n_params / 1e6:.2f}M parameters, "
-        f"{cfg.model.head} head, {device.type} x{threads} threads")
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"epoch": 0, "step": 0, "best_val_loss": math.inf, "lr": tc.lr, "elapsed": 0.0}
-    start = time.monotonic()
-    deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
-    stop = ""
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, state["step"] if ckpt else 0)
+        log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
+            f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
+            f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
+            f"threads{f' x{world} ranks' if world > 1 else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
 
-    def save(name: str, val: dict | None) -> Path:
-        return checkpoint.save(checkpoint.make(cfg, model, tokenizer, optimizer=optimizer.state_dict(),
-                                               state=dict(state), metrics=val or {}), run_dir / name)
+    def save(name: str, metrics: dict | None) -> None:
+        if not lead:
+            return
+        extra = {"optimizer": optimizer.state_dict(), "metrics": metrics or {},
+                 "state": state | {"rng": torch.get_rng_state(), "bptt_rng": bptt_rng.get_state(),
+                                   "hidden": [(h.cpu(), c.cpu()) for h, c in hidden] if hidden else None}}
+        if state["averaging"]:
+            extra["raw_model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        with averaged_weights(model, optimizer, state["averaging"]):
+            checkpoint.save(checkpoint.make(cfg, model, tokenizer, **extra), run_dir / name)
 
     def log_metrics(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if lead:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
-    try:
-        for epoch in range(1, tc.epochs + 1):
-            state["epoch"] = epoch
+    stop, fail_at = "", int(os.environ.get(FAIL_AT_STEP, "0"))
+    start = time.monotonic() - state["elapsed"]
+    deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext()
+    with _stop_requests() as requested:
+        while state["epoch"] <= tc.epochs and not stop:
+            epoch = state["epoch"]
             model.train()
-            hidden = None
-            run_loss, run_tokens, t0 = 0.0, 0, time.monotonic()
-            bar = tqdm(windows(data, dc.bptt), total=per_epoch, desc=f"epoch {epoch}/{tc.epochs}",
-                       unit="step", disable=None if progress else True, dynamic_ncols=True)
-            for i, (x, y) in enumerate(bar):
-                used = budget_used(tc, epoch - 1 + i / per_epoch, state["step"], time.monotonic() - start)
+            t0 = time.monotonic()
+            bar = tqdm(total=columns * dc.batch_size, initial=state["pos"] * dc.batch_size, unit="tok",
+                       unit_scale=True, desc=f"epoch {epoch}/{tc.epochs}", disable=None if progress and lead else True,
+                       dynamic_ncols=True, leave=False)
+            windows = bptt_windows(data, dc.bptt, state["pos"], bptt_rng if tc.variable_bptt else None)
+            for pos, x, y in windows:
+                used = budget_used(tc, epoch - 1 + pos / columns, state["step"], time.monotonic() - start)
                 lr = state["lr"] * anneal_factor(tc.anneal, used)
+                if tc.variable_bptt:  # a longer window sums more terms: keep the step per token
+                    lr *= x.size(1) / dc.bptt
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                features, hidden = model(x, detach(hidden) if hidden else None)  # (B, T, D)
-                loss = model.nll(features, y).mean()
+                with autocast:
+                    features, hidden, raw = model(x, detach(hidden) if hidden else None, return_raw=True)
+                    nll = model.nll(features, y).float().mean()
+                loss = nll + activation_reg(features, tc.alpha) + temporal_activation_reg(raw, tc.beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:
+                    _average_gradients(model, world)
                 if tc.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
                 optimizer.step()
                 state["step"] += 1
-                run_loss += loss.item() * y.numel()
-                run_tokens += y.numel()
+                state["pos"] = pos + x.size(1)
+                value = nll.item()
+                if not math.isfinite(value):
+                    raise DataError(f"the training loss became {value} at step {state['step']}: "
+                                    "lower --lr or --clip and train again")
+                state["epoch_loss"] += value * y.numel()
+                state["epoch_tokens"] += y.numel()
+                state["log_loss"] += value * y.numel()
+                state["log_tokens"] += y.numel()
+                bar.update(y.numel())
                 if state["step"] % tc.log_every == 0:
-                    avg = run_loss / run_tokens
-                    bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}",
-                                    lr=f"{lr:.3g}", tok_s=f"{run_tokens / (time.monotonic() - t0):,.0f}")
-                    if not math.isfinite(avg):
-                        raise DataError(f"the training loss became {avg} at step {state['step']}: "
-                                        "lower --lr or --clip and train again")
+                    avg = state["log_loss"] / state["log_tokens"]
+                    rate = state["log_tokens"] * world / (time.monotonic() - t0)
+                    log_metrics({"step": state["step"], "epoch": epoch, "loss": avg, "lr": lr, "tokens_per_s": rate})
+                    bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{lr:.3g}",
+                                    tok_s=f"{rate:,.0f}")
+                    state["log_loss"], state["log_tokens"], t0 = 0.0, 0, time.monotonic()
+                state["elapsed"] = time.monotonic() - start
+                if tc.save_every and state["step"] % tc.save_every == 0:
+                    save("last.pt", None)
+                if state["step"] == fail_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if tc.max_steps and state["step"] >= tc.max_steps:
                     stop = f"--max-steps {tc.max_steps} reached"
                 elif time.monotonic() > deadline:
                     stop = f"--max-minutes {tc.max_minutes:g} reached"
+                elif requested():
+                    stop = "interrupted"
                 if stop:
                     break
             bar.close()
-            train_loss = run_loss / max(run_tokens, 1)
-            val = evaluate(model, valid_ids.to(device), bos_id=tokenizer.eos_id,
-                           batch_size=dc.eval_batch_size, progress=progress, desc="valid")
+            if stop == "interrupted":
+                save("last.pt", None)
+                break
+            epoch_done = state["pos"] >= columns
+            with averaged_weights(model, optimizer, state["averaging"]):
+                val = _evaluate(model, valid_ids.to(device), tokenizer, dc, world, progress and lead)
+            train_loss = state["epoch_loss"] / max(state["epoch_tokens"], 1)
             state["elapsed"] = time.monotonic() - start
-            improved = val["loss"] < state["best_val_loss"]
-            record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                      "train_ppl": perplexity(train_loss * run_tokens, run_tokens),
-                      "valid_loss": val["loss"], "valid_ppl": val["ppl"],
-                      "train_tokens_per_s": run_tokens / max(time.monotonic() - t0 - val["seconds"], 1e-9),
+            record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+                      "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 700)),
+                      "valid_loss": val["loss"], "valid_ppl": val["ppl"], "averaging": state["averaging"],
                       "elapsed_s": state["elapsed"]}
             log_metrics(record)
+            improved = val["loss"] < state["best_val_loss"]
+            note = _after_evaluation(tc, state, val["loss"], improved)
+            if note == "average":
+                optimizer = make_optimizer(tc, model, state["lr"], averaging=True)
+            elif note:
+                stop = stop or note
+            if epoch_done:
+                state.update(epoch=epoch + 1, pos=0, epoch_loss=0.0, epoch_tokens=0)
+                hidden = None
             if improved:
-                state["best_val_loss"] = val["loss"]
                 save("best.pt", record)
-            else:
-                state["lr"] *= tc.lr_decay
-                if state["lr"] < tc.min_lr:
-                    stop = stop or f"learning rate fell below --min-lr {tc.min_lr:g}"
             save("last.pt", record)
-            log(f"epoch {epoch}: train ppl {record['train_ppl']:.2f}, valid ppl {val['ppl']:.2f}"
-                f"{' (best)' if improved else ''}, lr {record['lr']:.3g}, "
-                f"{record['train_tokens_per_s']:,.0f} tok/s, {state['elapsed'] / 60:.1f} min")
-            if stop:
-                break
-    except KeyboardInterrupt:
-        save("last.pt", None)
-        log(f"interrupted at step {state['step']}: saved {run_dir / 'last.pt'}")
-        stop = "interrupted"
-
-    summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
-               "best_valid_ppl": perplexity(state["best_val_loss"], 1) if math.isfinite(state["best_val_loss"]) else None,
-               "minutes": round((time.monotonic() - start) / 60, 2), "stopped": stop or "all epochs done",
+            if lead:
+                log(f"epoch {epoch}{'' if epoch_done else ' (partial)'}: train ppl {record['train_ppl']:.2f}, "
+                    f"valid ppl {val['ppl']:.2f}{' (best)' if improved else ''}, lr {record['lr']:.3g}"
+                    f"{', averaging' if state['averaging'] else ''}, {state['elapsed'] / 60:.1f} min"
+                    + ("; started averaging (NT-ASGD)" if note == "average" else ""))
+    if stop == "interrupted" and lead:
+        log(f"interrupted at step {state['step']:,}: saved {run_dir / 'last.pt'}; continue with "
+            f"lm train --resume {run_dir}")
+    summary = {"run": str(run_dir), "epochs": min(state["epoch"], tc.epochs), "steps": state["step"],
+               "best_valid_ppl": math.exp(state["best_val_loss"]) if math.isfinite(state["best_val_loss"]) else None,
+               "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
                "checkpoint": str(run_dir / "best.pt")}
     log_metrics({"summary": summary})
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return summary
+
+
+def _after_evaluation(tc, state: dict, val_loss: float, improved: bool) -> str:
+    """Update best / plateau / averaging state after an evaluation. Returns "average"
+    when NT-ASGD should start averaging, a stop reason, or ""."""
+    history = state["val_history"]
+    note = ""
+    if improved:
+        state["best_val_loss"], state["bad_evals"] = val_loss, 0
+    else:
+        state["bad_evals"] += 1
+        if tc.patience and state["bad_evals"] >= tc.patience:
+            note = f"no improvement in {tc.patience} evaluations (--patience)"
+    if tc.optimizer == "ntasgd":
+        if not state["averaging"] and len(history) > tc.nonmono and val_loss > min(history[: -tc.nonmono]):
+            state["averaging"] = True
+            note = note or "average"
+    elif not improved:
+        state["lr"] *= tc.lr_decay
+        if state["lr"] < tc.min_lr:
+            note = note or f"learning rate fell below --min-lr {tc.min_lr:g}"
+    history.append(val_loss)
+    return note
+
+
+def _evaluate(model, valid_ids, tokenizer, dc, world: int, progress: bool) -> dict:
+    val = evaluate(model, valid_ids, bos_id=tokenizer.eos_id, batch_size=dc.eval_batch_size,
+                   progress=progress, desc="valid")
+    if world > 1:  # each rank scored its own slice: add up the likelihoods
+        sums = torch.tensor([val["loss"] * val["tokens"], float(val["tokens"])], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        val = val | {"loss": (sums[0] / sums[1]).item(), "tokens": int(sums[1])}
+        val["ppl"] = perplexity(val["loss"], 1)
+    return val
+
+
+def _init_distributed(tc) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if tc.device != "cpu" and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+def _shard(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous slice; every rank gets the same length (same step count)."""
+    n = ids.numel() // world
+    return ids[rank * n : (rank + 1) * n] if world > 1 else ids
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """One all-reduce over all gradients, flattened (a missing gradient counts as 0)."""
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the records written after the checkpoint's step, so the log reads
+    as if the run had never stopped; a fresh run starts a fresh log."""
+    if not path.exists():
+        return
+    keep = []
+    if step:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if "summary" not in record and record.get("step", 0) <= step:
+                keep.append(line)
+    path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+
+@contextmanager
+def _stop_requests():
+    """Ctrl-C and SIGTERM ask the loop to stop after the current step (then it saves and
+    exits cleanly) instead of killing it mid-update. Yields a function telling whether
+    a stop was asked for."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if flag.is_set():  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag.is_set
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

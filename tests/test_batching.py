@@ -1,6 +1,6 @@
 import torch
 
-from lm.batching import batchify, eval_lanes, n_windows, windows
+from lm.batching import batchify, bptt_windows, eval_lanes
 
 
 def test_batchify_lanes_are_contiguous_slices():
@@ -10,14 +10,25 @@ def test_batchify_lanes_are_contiguous_slices():
 
 def test_windows_cover_every_target_once_with_shifted_targets():
     data = batchify(torch.arange(40), 2)  # lanes of 20
-    pairs = list(windows(data, 6))
-    assert len(pairs) == n_windows(data, 6) == 4
+    pairs = [(x, y) for _, x, y in bptt_windows(data, 6)]
+    assert len(pairs) == 4
     xs = torch.cat([x for x, _ in pairs], 1)
     ys = torch.cat([y for _, y in pairs], 1)
     assert torch.equal(ys, xs + 1)
     assert torch.equal(ys, data[:, 1:])
     assert [x.size(1) for x, _ in pairs] == [6, 6, 6, 1]
-    assert [x[0, 0].item() for x, _ in windows(data, 6, start=2)] == [12, 18]
+    assert [x[0, 0].item() for _, x, _ in bptt_windows(data, 6, start=12)] == [12, 18]
+
+
+def test_variable_windows_cover_every_column_once_and_repeat_with_the_rng_state():
+    data = batchify(torch.arange(2000), 2)  # lanes of 1000
+    rng = torch.Generator().manual_seed(3)
+    spans = [(pos, x.size(1)) for pos, x, _ in bptt_windows(data, 35, rng=rng)]
+    assert spans[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+    assert spans[-1][0] + spans[-1][1] == 999
+    assert len({n for _, n in spans[:-1]}) > 5 and all(5 <= n <= 45 for _, n in spans[:-1])
+    again = [(pos, x.size(1)) for pos, x, _ in bptt_windows(data, 35, rng=torch.Generator().manual_seed(3))]
+    assert again == spans
 
 
 def test_eval_lanes_predict_every_token_exactly_once():

@@ -24,7 +24,7 @@ def test_tiny_model_learns_a_deterministic_sequence(tmp_path):
 def test_run_writes_best_last_and_metrics(tiny_run):
     assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
     records = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if "epoch" in r]
+    epochs = [r for r in records if "valid_ppl" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert epochs[-1]["valid_ppl"] < epochs[0]["valid_ppl"]  # it learns
     assert records[-1]["summary"]["epochs"] == 3
@@ -68,3 +68,18 @@ def test_learning_rate_anneals_over_the_end_of_whichever_budget_ends_first():
     assert budget_used(tc, 9.0, 100, 60) == 1.0
     assert anneal_factor(0.3, 0.5) == 1.0 and abs(anneal_factor(0.3, 0.85) - 0.5) < 1e-12
     assert anneal_factor(0.3, 1.0) == 0.0 and anneal_factor(0.0, 0.99) == 1.0
+
+
+def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tiny_run, tmp_path):
+    import pytest
+
+    from lm.errors import CheckpointError
+
+    good = checkpoint.load(tiny_run / "best.pt")
+    path = checkpoint.save(good, tmp_path / "best.pt")
+    before = path.read_bytes()
+    bad = dict(good, model={k: v.clone() for k, v in good["model"].items()})
+    bad["model"]["embedding.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="not finite"):
+        checkpoint.save(bad, path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp*"))

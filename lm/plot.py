@@ -1,0 +1,57 @@
+"""``lm plot RUN``: loss and perplexity curves from a run's metrics.jsonl (matplotlib)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lm.errors import LMError
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """(per-logging-step records, per-epoch records) of a run."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise LMError(f"{path} not found: is {run} a run directory (lm train --run DIR)?")
+    steps, epochs = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "valid_loss" in r:
+            epochs.append(r)
+        elif "loss" in r:
+            steps.append(r)
+    if not steps and not epochs:
+        raise LMError(f"{path} has no records yet: train for at least --log-every steps")
+    return steps, epochs
+
+
+def plot_run(run: Path, out: Path | None = None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LMError("lm plot needs matplotlib: pip install 'lm[plot]' (or pip install matplotlib)") from None
+    steps, epochs = read_metrics(run)
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train (per log step)")
+    if epochs:
+        ax_loss.plot([r["step"] for r in epochs], [r["valid_loss"] for r in epochs], "o-", label="valid")
+        ax_ppl.plot([r["step"] for r in epochs], [r["valid_ppl"] for r in epochs], "o-", label="valid")
+        ax_ppl.plot([r["step"] for r in epochs], [math.exp(min(r["train_loss"], 50)) for r in epochs], "s--",
+                    label="train")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"{run.name}: loss")
+    ax_ppl.set(xlabel="step", ylabel="perplexity", yscale="log", title=f"{run.name}: perplexity")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = out or run / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,100 @@
+"""Exact resume: a run killed with SIGKILL and resumed equals a run never interrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lm import checkpoint
+from lm.config import TrainConfig
+from lm.errors import ConfigError
+from lm.train import _after_evaluation, averaged_weights, make_optimizer, resume_config
+
+from conftest import REPO
+
+FLAGS = ["--emb-dim", "16", "--hidden-dim", "24", "--cutoffs", "10,20", "--batch-size", "4", "--bptt", "8",
+         "--epochs", "3", "--max-minutes", "0", "--lr", "5", "--save-every", "10", "--log-every", "5",
+         "--variable-bptt", "--weight-drop", "0.3", "--dropout-embed", "0.1", "--alpha", "1", "--beta", "1",
+         "--optimizer", "ntasgd", "--nonmono", "1", "--quiet"]
+
+
+def lm(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "lm", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def losses(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(l) and "tokens_per_s" in json.loads(l)]
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    lm("train", "--corpus", tiny_corpus, "--run", a, *FLAGS)
+    killed = lm("train", "--corpus", tiny_corpus, "--run", b, *FLAGS, env={"LM_FAIL_AT_STEP": "117"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.load(b / "last.pt")["state"]["step"] == 110  # the last periodic save
+    lm("train", "--resume", b, "--quiet")
+    ca, cb = checkpoint.load(a / "last.pt"), checkpoint.load(b / "last.pt")
+    assert ca["state"]["step"] == cb["state"]["step"] > 117
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert ca["state"]["averaging"] == cb["state"]["averaging"]
+    assert [(r["step"], r["loss"]) for r in losses(a)] == [(r["step"], r["loss"]) for r in losses(b)]
+
+
+def test_resume_refuses_to_change_the_model(tiny_run):
+    with pytest.raises(ConfigError, match="--emb-dim cannot change when resuming"):
+        resume_config(tiny_run, {"model": {"emb_dim": 99}})
+    cfg = resume_config(tiny_run, {"train": {"epochs": 9}})
+    assert cfg.train.epochs == 9
+
+
+def test_ntasgd_starts_averaging_non_monotonically_and_evaluates_averaged_weights():
+    tc = TrainConfig(optimizer="ntasgd", nonmono=2)
+    state = {"best_val_loss": 5.0, "bad_evals": 0, "val_history": [6.0, 5.0, 4.0], "averaging": False, "lr": 30.0}
+    assert _after_evaluation(tc, state, 4.5, improved=False) == ""  # 4.5 < min(6.0): not yet
+    assert _after_evaluation(tc, state, 6.5, improved=False) == "average"  # worse than min(6, 5)
+    assert state["averaging"] and state["lr"] == 30.0  # NT-ASGD keeps its learning rate
+    model = torch.nn.Linear(3, 1)
+    opt = make_optimizer(tc, model, 0.1, averaging=True)
+    assert isinstance(opt, torch.optim.ASGD)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+    current = model.weight.detach().clone()
+    with averaged_weights(model, opt, on=True):
+        assert torch.equal(model.weight, opt.state[model.weight]["ax"])
+        assert not torch.equal(model.weight, current)
+    assert torch.equal(model.weight, current)
+
+
+def test_plateau_decay_and_early_stopping():
+    tc = TrainConfig(lr_decay=0.5, patience=2)
+    state = {"best_val_loss": 4.0, "bad_evals": 0, "val_history": [], "averaging": False, "lr": 20.0}
+    assert _after_evaluation(tc, state, 4.1, improved=False) == "" and state["lr"] == 10.0
+    assert "patience" in _after_evaluation(tc, state, 4.2, improved=False)
+
+
+def test_sigterm_saves_and_exits_cleanly_with_a_resume_hint(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run", str(run),
+                             "--emb-dim", "16", "--hidden-dim", "16", "--batch-size", "4", "--epochs", "100000",
+                             "--max-minutes", "0", "--save-every", "0", "--log-every", "1", "--quiet"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"lm train --resume {run}" in out
+    assert checkpoint.load(run / "last.pt")["state"]["step"] >= 1
