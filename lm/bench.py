@@ -66,8 +66,63 @@ def _cache_child(corpus_dir: str, cache: str) -> dict:
             "cache_seconds": round(t2 - t1, 2), "cache_tokens_per_s": round(n / (t2 - t1))}
 
 
+def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
+                      bptt: int = 35, steps: int = 20, rounds: int = 3, warmup: int = 3) -> dict:
+    """Training tokens/s of one architecture with a full softmax and with the adaptive
+    head, measured side by side in this process: rounds of ``steps`` steps alternate
+    between the two, so drift on a shared machine hits both alike."""
+    import torch
+
+    from lm.batching import batchify, bptt_windows
+    from lm.config import ModelConfig, TokenizerConfig
+    from lm.data import load_tokenizer, token_stream
+    from lm.model import LSTMLM, detach
+    from lm.train import set_threads
+
+    set_threads(0)
+    corpus = open_corpus(base)
+    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
+    data = batchify(token_stream(corpus, "train", tok), batch)
+    runs = {}
+    for head in ("full", "adaptive"):
+        torch.manual_seed(0)
+        model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head=head), tok.vocab_size)
+        runs[head] = {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=1.0),
+                      "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0}
+
+    def step(r: dict, timed: bool) -> None:
+        _, x, y = next(r["windows"])
+        t0 = time.perf_counter()
+        features, r["hidden"] = r["model"](x, detach(r["hidden"]) if r["hidden"] else None)
+        loss = r["model"].nll(features, y).mean()
+        r["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 0.25)
+        r["opt"].step()
+        if timed:
+            r["seconds"] += time.perf_counter() - t0
+            r["tokens"] += y.numel()
+
+    for r in runs.values():
+        for _ in range(warmup):
+            step(r, timed=False)
+    for _ in range(rounds):
+        for r in runs.values():
+            for _ in range(steps):
+                step(r, timed=True)
+    rate = {h: r["tokens"] / r["seconds"] for h, r in runs.items()}
+    return {"arch": f"2x{hidden} tied, emb {emb}, batch {batch}x{bptt}", "full_tokens_per_s": round(rate["full"]),
+            "adaptive_tokens_per_s": round(rate["adaptive"]), "speedup": round(rate["adaptive"] / rate["full"], 2)}
+
+
 def run(only: list[str] | None = None, log=print) -> dict:
     results: dict = {}
+    for name, kw in (("train-2x200", {}), ("train-default", {"emb": 256, "hidden": 256, "batch": 64})):
+        if not only or "train" in only:
+            r = bench_train_heads(**kw)
+            results[name] = r
+            log(f"training {r['arch']}: full softmax {r['full_tokens_per_s']:,} tok/s, adaptive "
+                f"{r['adaptive_tokens_per_s']:,} tok/s: {r['speedup']:.2f}x")
     if not only or "cache" in only:
         r = bench_cache()
         results["cache"] = r

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")
-    b.add_argument("--only", nargs="+", choices=("cache",), help="run only these benchmarks")
+    b.add_argument("--only", nargs="+", choices=("train", "cache"), help="run only these benchmarks")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     b.set_defaults(func=cmd_bench)
     return p
