@@ -18,18 +18,26 @@ from lm.errors import DataError
 CACHE_TARGET_TOKENS = 100_000_000  # the data-layer target: a 100M-token corpus
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space, so it starts afresh
+    at exec; ru_maxrss would carry over the parent's peak from before the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _child(fn: str, *args: str) -> dict:
-    """Run ``python -m lm.bench fn args`` and return its JSON result plus its peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``python -m lm.bench fn args`` in a fresh process and return its JSON result
+    (which carries the child's own peak RSS)."""
     proc = subprocess.run([sys.executable, "-m", "lm.bench", fn, *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     if proc.returncode:
         raise DataError(f"benchmark {fn} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # ru_maxrss of children is a running maximum: exact when this child is the largest so far
-    result["peak_rss_mb"] = round(max(peak_kb, before) / 1024, 1)
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_cache(base: str = "wikitext-2", tokens: int = CACHE_TARGET_TOKENS) -> dict:
@@ -63,7 +71,8 @@ def _cache_child(corpus_dir: str, cache: str) -> dict:
     n = token_array(corpus, "train", tok).size
     t2 = time.perf_counter()
     return {"tokens": int(n), "vocab": tok.vocab_size, "vocab_seconds": round(t1 - t0, 2),
-            "cache_seconds": round(t2 - t1, 2), "cache_tokens_per_s": round(n / (t2 - t1))}
+            "cache_seconds": round(t2 - t1, 2), "cache_tokens_per_s": round(n / (t2 - t1)),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
