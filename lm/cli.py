@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         n += 1
     seconds = time.perf_counter() - t0
-    print(file=sys.stdout)
+    print(file=sys.stdout, flush=True)
     print(f"generated {n} words in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} words/s, seed {sc.seed})",
           file=sys.stderr)
     return 0
