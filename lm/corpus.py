@@ -271,10 +271,21 @@ def _count_lines(path: Path) -> int:
     return sum(1 for _ in _raw_lines(path))
 
 
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime) of the files -> content hash
+
+
 def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    """sha256 of the files' contents. Remembered per (path, size, mtime) so that the
+    several caches keyed on one split (tokenizer, tokens) read it once per process."""
+    try:
+        sig = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename}: {e.strerror}") from None
+    if sig not in _HASHES:
+        h = hashlib.sha256()
+        for p in paths:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        _HASHES[sig] = h.hexdigest()[:16]
+    return _HASHES[sig]

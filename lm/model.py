@@ -44,10 +44,6 @@ class LSTMLM(nn.Module):
             self.head = FullSoftmax(sizes[-1], vocab_size, tied)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.embedding.num_embeddings
-
     def forward(self, x: Tensor, hidden: Hidden | None = None, return_raw: bool = False):
         """x: (B, T) token ids -> features (B, T, D) and the new hidden state; with
         ``return_raw`` also the last layer's output before dropout (for TAR)."""

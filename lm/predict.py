@@ -41,7 +41,6 @@ class Predictor:
     def reset(self) -> None:
         """Forget the context: the next word is predicted as at the start of a text."""
         self.hidden = None
-        self.history: list[int] = []
         self._log_probs = self._step([self.tok.eos_id])
 
     @torch.inference_mode()
@@ -54,7 +53,6 @@ class Predictor:
         """Advance the context by whole (already pretokenized) words, one model call."""
         if words:
             ids = [self.tok.word_to_id.get(w, self.tok.unk_id) for w in words]
-            self.history.extend(ids)
             self._log_probs = self._step(ids)
 
     def next_words(self, k: int) -> list[tuple[str, float]]:
