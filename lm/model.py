@@ -31,7 +31,9 @@ class LSTMLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, H, L = cfg.emb_dim, cfg.hidden_dim, cfg.n_layers
-        self.embedding = nn.Embedding(vocab_size, E)
+        # Tied, the head's gradient for the shared matrix is dense anyway, so the lookup's
+        # gradient is kept sparse (its rows are added in, not a zero-filled copy).
+        self.embedding = nn.Embedding(vocab_size, E, sparse=cfg.tie_weights)
         # AWD-style sizes: with tying, the last layer outputs E so its features meet
         # the (shared) embedding vectors in the head.
         sizes = [H] * (L - 1) + [E if cfg.tie_weights else H]
@@ -129,13 +131,14 @@ class AdaptiveSoftmax(nn.Module):
                 self.out_bias.append(nn.Parameter(torch.zeros(hi - lo)))
 
     def _weights(self) -> tuple[Tensor, list[Tensor]]:
-        """(shortlist word vectors, per-cluster word vectors). Tied, one ``split`` of the
-        embedding: its backward writes one gradient, where a slice per cluster would
-        zero-fill a full embedding-sized gradient each (20% of a CPU step)."""
+        """(shortlist word vectors, per-cluster word vectors)."""
         if self.tied is not None:
-            short, *tails = self.tied.split([b - a for a, b in zip(self.bounds, self.bounds[1:])])
+            short, *tails = self.tied.split(self._sizes())
             return short, tails
         return self.shortlist, list(self.out)
+
+    def _sizes(self) -> list[int]:
+        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
 
     def _tail_logits(self, i: int, h: Tensor, weight: Tensor) -> Tensor:
         b = self.out_bias[i] if self.head_bias is not None else None
@@ -146,17 +149,24 @@ class AdaptiveSoftmax(nn.Module):
 
     def nll(self, h: Tensor, target: Tensor) -> Tensor:
         """h: (N, D), target: (N,) -> (N,). Only targets' clusters are computed."""
-        short, tails = self._weights()
-        head_lp = self._head_log_probs(h, short)  # (N, c_0 + n_clusters)
         cluster = torch.bucketize(target, self.cuts, right=True)  # 0 = head, i+1 = tail i
+        rows = [(cluster == i + 1).nonzero().squeeze(1) for i in range(len(self.proj))]
+        if self.tied is not None:
+            # One kernel for every block of the shared matrix: its backward writes all
+            # block gradients into a single embedding-sized tensor.
+            word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))])
+            head = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1)
+            head_lp = F.log_softmax(head if self.head_bias is None else head + self.head_bias, dim=-1)
+            tail_logits = [t if self.head_bias is None else t + b for t, b in zip(word_logits[1:], self.out_bias)]
+        else:
+            head_lp = self._head_log_probs(h, self.shortlist)
+            tail_logits = [self._tail_logits(i, h[r], self.out[i]) for i, r in enumerate(rows)]
         head_index = torch.where(cluster == 0, target, self.bounds[1] + cluster - 1)
         out = -head_lp.gather(1, head_index.unsqueeze(1)).squeeze(1)
-        for i in range(len(self.proj)):
-            rows = (cluster == i + 1).nonzero().squeeze(1)
-            if rows.numel():
-                tail_lp = F.log_softmax(self._tail_logits(i, h[rows], tails[i]), dim=-1)
-                local = (target[rows] - self.bounds[i + 1]).unsqueeze(1)
-                out = out.index_add(0, rows, -tail_lp.gather(1, local).squeeze(1))
+        for i, (r, logits) in enumerate(zip(rows, tail_logits)):
+            if r.numel():
+                local = (target[r] - self.bounds[i + 1]).unsqueeze(1)
+                out = out.index_add(0, r, -F.log_softmax(logits, dim=-1).gather(1, local).squeeze(1))
         return out
 
     def log_probs(self, h: Tensor) -> Tensor:
@@ -168,3 +178,40 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(len(self.proj)):
             parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h, tails[i]), dim=-1))
         return torch.cat(parts, dim=-1)
+
+
+def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor]) -> list[Tensor]:
+    """``inputs[j] @ W_j.T`` for the row blocks ``W_j`` of ``weight`` (split by ``sizes``);
+    an input may have zero rows."""
+    return list(_BlockLinear.apply(weight, tuple(sizes), *inputs))
+
+
+class _BlockLinear(torch.autograd.Function):
+    """Autograd through ``weight.split`` makes each block's gradient separately and then
+    concatenates them into a new embedding-sized tensor; with a tied embedding that
+    tensor is then added to the embedding's own zero-filled gradient. On a CPU those
+    embedding-sized copies and fills took a third of a training step. Here each block's
+    gradient is written straight into its rows of one uninitialised tensor (an input
+    with no rows writes zeros)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, sizes: tuple[int, ...], *inputs: Tensor):
+        ctx.sizes = sizes
+        ctx.save_for_backward(weight, *inputs)
+        return tuple(x @ w.to(x.dtype).t() for x, w in zip(inputs, weight.split(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        weight, *inputs = ctx.saved_tensors
+        blocks = weight.split(ctx.sizes)
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.empty_like(weight)
+            for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
+                if g.dtype == out.dtype and x.dtype == out.dtype:
+                    torch.mm(g.t(), x, out=out)
+                else:  # autocast: low-precision activations, fp32 weight
+                    out.copy_(g.t() @ x.to(g.dtype))
+        grad_inputs = [g @ w.to(g.dtype) if need else None
+                       for g, w, need in zip(grads, blocks, ctx.needs_input_grad[2:])]
+        return (grad_weight, None, *grad_inputs)

@@ -13,6 +13,7 @@ one all-reduce per step (gloo on CPU, nccl on GPU); rank 0 alone writes files.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -61,10 +62,32 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
 
 
 def set_threads(threads: int) -> int:
-    """Use one intra-op thread per available core unless told otherwise."""
+    """Use one intra-op thread per available core unless told otherwise, and keep freed
+    memory in the process (see ``keep_freed_memory``)."""
     n = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
+    keep_freed_memory()
     return n
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve large blocks from the heap and never return freed
+    memory to the system. By default each batch's large buffers (activations, logits,
+    gradients) are mmapped, unmapped when freed and page-faulted in again next batch;
+    on a 2-core CPU that costs about a third of a training step. Same numbers, less
+    work. Returns whether the settings took (False off glibc)."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        try:
+            libc = ctypes.CDLL(None)
+            M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+            _malloc_tuned = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        except (OSError, AttributeError):
+            _malloc_tuned = False
+    return _malloc_tuned
+
+
+_malloc_tuned: bool | None = None
 
 
 def pick_device(name: str, rank: int = 0) -> torch.device:
