@@ -76,7 +76,8 @@ def _cache_child(corpus_dir: str, cache: str) -> dict:
 
 
 def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
-                      bptt: int = 35, steps: int = 20, rounds: int = 3, warmup: int = 3) -> dict:
+                      bptt: int = 35, steps: int = 15, rounds: int = 3, warmup: int = 2,
+                      model: dict | None = None) -> dict:
     """Training tokens/s of one architecture with a full softmax and with the adaptive
     head, measured side by side in this process: rounds of ``steps`` steps alternate
     between the two, so drift on a shared machine hits both alike."""
@@ -95,8 +96,8 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     runs = {}
     for head in ("full", "adaptive"):
         torch.manual_seed(0)
-        model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head=head), tok.vocab_size)
-        runs[head] = {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=1.0),
+        net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": head}), tok.vocab_size)
+        runs[head] = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=1.0),
                       "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0}
 
     def step(r: dict, timed: bool) -> None:
@@ -124,23 +125,184 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
             "adaptive_tokens_per_s": round(rate["adaptive"]), "speedup": round(rate["adaptive"] / rate["full"], 2)}
 
 
-def run(only: list[str] | None = None, log=print) -> dict:
+def _default_model(checkpoint: str | None):
+    """The model to time inference on: a trained checkpoint if there is one (then the
+    perplexity rows mean something), else the default architecture freshly initialised
+    (speed does not depend on the weights)."""
+    import torch
+
+    from lm.checkpoint import load_model
+    from lm.config import Config
+    from lm.data import load_tokenizer
+    from lm.model import LSTMLM
+    from lm.train import build_config
+
+    if checkpoint and Path(checkpoint).is_file():
+        cfg, model, tok, _ = load_model(checkpoint)
+        return cfg, model.eval(), tok, checkpoint
+    cfg: Config = build_config({"data": {"corpus": "wikitext-2"}})
+    tok = load_tokenizer(open_corpus("wikitext-2"), cfg.tokenizer)
+    torch.manual_seed(0)
+    return cfg, LSTMLM(cfg.model, tok.vocab_size).eval(), tok, None
+
+
+def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 256, batch: int = 64,
+                       bptt: int = 35, steps: int = 12) -> dict:
+    """Where a training step's time goes, for the default model: data (the next BPTT
+    window), LSTM (embedding and LSTM layers, forward and backward), head (softmax
+    forward and backward, and accumulating the tied gradient) and optimizer (clipping and
+    the update). The LSTM part is timed by a pass through the layers alone on the same
+    batch, interleaved with the full steps; the head is the rest of forward+backward."""
+    import torch
+
+    from lm.batching import batchify, bptt_windows
+    from lm.config import ModelConfig, TokenizerConfig
+    from lm.data import load_tokenizer, token_stream
+    from lm.model import LSTMLM, detach
+    from lm.train import set_threads
+
+    set_threads(0)
+    corpus = open_corpus(base)
+    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
+    windows = bptt_windows(batchify(token_stream(corpus, "train", tok), batch), bptt)
+    torch.manual_seed(0)
+    model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head="adaptive"), tok.vocab_size).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    t = {"data": 0.0, "lstm": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
+    hid = None
+    for i in range(steps + 2):
+        timed = i >= 2
+        t0 = time.perf_counter()
+        _, x, y = next(windows)
+        t1 = time.perf_counter()
+        features, _ = model(x, detach(hid) if hid else None)
+        features.backward(torch.ones_like(features))
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        features, hid = model(x, detach(hid) if hid else None)
+        model.nll(features, y).mean().backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if timed:
+            for k, v in (("data", t1 - t0), ("lstm", t2 - t1), ("forward+backward", t3 - t2), ("optimizer", t4 - t3)):
+                t[k] += v
+    step = t["data"] + t["forward+backward"] + t["optimizer"]
+    parts = {"data": t["data"], "lstm": t["lstm"], "head": max(0.0, t["forward+backward"] - t["lstm"]),
+             "optimizer": t["optimizer"]}
+    return {"arch": f"2x{hidden} tied adaptive, emb {emb}, batch {batch}x{bptt}",
+            "step_ms": round(step / steps * 1e3, 1),
+            "share": {k: round(v / step, 3) for k, v in parts.items()}}
+
+
+def _train_rss_child(steps: str) -> dict:
+    """In the child: the default training run for a few steps; its own peak RSS."""
+    from lm.train import build_config, train
+
+    with tempfile.TemporaryDirectory(prefix="lm-bench-run-") as tmp:
+        cfg = build_config({"data": {"corpus": "wikitext-2"}, "train": {"max_steps": int(steps), "save_every": 0}})
+        summary = train(cfg, Path(tmp) / "run", progress=False, log=lambda *a: None)
+    return {"steps": summary["steps"], "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench_inference(checkpoint: str | None, words: int = 300, rounds: int = 3) -> dict:
+    """Float vs int8 side by side on the default model: generation words/s (one word
+    per model step, batch 1, one thread as in the REPL) and, on the WikiText-2 test
+    split, evaluation wall time and perplexity."""
+    import torch
+
+    from lm.data import token_stream
+    from lm.evaluate import evaluate
+    from lm.quantize import quantize
+    from lm.sample import generate
+    from lm.train import set_threads
+
+    cfg, model, tok, used = _default_model(checkpoint)
+    models = {"float": model, "int8": quantize(model)}
+    set_threads(1)
+    gen = {k: 0.0 for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            for _ in generate(m, [tok.eos_id], words, seed=0, banned=[tok.unk_id]):
+                pass
+            gen[k] += time.perf_counter() - t0
+    set_threads(0)
+    stream = token_stream(open_corpus("wikitext-2"), "test", tok)
+    ev = {k: evaluate(m, stream, bos_id=tok.eos_id, batch_size=10) for k, m in models.items()}
+    out = {"checkpoint": used or "untrained default model"}
+    for k in models:
+        out[k] = {"generate_words_per_s": round(words * rounds / gen[k]), "eval_seconds": round(ev[k]["seconds"], 2),
+                  "eval_tokens_per_s": round(ev[k]["tokens_per_s"]), "test_ppl": round(ev[k]["ppl"], 2)}
+    out["int8_generate_speedup"] = round(gen["float"] / gen["int8"], 2)
+    out["int8_ppl_cost"] = round(ev["int8"]["ppl"] / ev["float"]["ppl"] - 1, 4)
+    return out
+
+
+BENCHES = ("train", "profile", "inference", "cache")
+
+
+def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wikitext-2/best.pt",
+        log=print) -> dict:
+    """Every benchmark (or those in ``only``); prints a line per result and a table."""
+    from lm.recipes import recipe
+
     results: dict = {}
-    for name, kw in (("train-2x200", {}), ("train-default", {"emb": 256, "hidden": 256, "batch": 64})):
-        if not only or "train" in only:
+    rows: list[tuple[str, str, str]] = []  # (measure, result, target or note)
+    want = set(only or BENCHES)
+    if "train" in want:
+        wt2 = recipe("wt2-cpu")
+        for name, kw in (("train-2x200", {}),
+                         ("train-wt2-cpu", {"emb": wt2["model"]["emb_dim"], "hidden": wt2["model"]["hidden_dim"],
+                                            "batch": wt2["data"]["batch_size"], "steps": 6, "model": wt2["model"]})):
             r = bench_train_heads(**kw)
             results[name] = r
             log(f"training {r['arch']}: full softmax {r['full_tokens_per_s']:,} tok/s, adaptive "
                 f"{r['adaptive_tokens_per_s']:,} tok/s: {r['speedup']:.2f}x")
-    if not only or "cache" in only:
+            rows.append((f"train tok/s, {r['arch']}", f"full {r['full_tokens_per_s']:,} / adaptive "
+                         f"{r['adaptive_tokens_per_s']:,} = {r['speedup']:.2f}x", "target >= 8x"))
+    if "profile" in want:
+        r = bench_step_profile()
+        r["train_peak_rss_mb"] = _child("_train_rss", "40")["peak_rss_mb"]
+        results["profile"] = r
+        share = ", ".join(f"{k} {v:.0%}" for k, v in r["share"].items())
+        log(f"training step of {r['arch']}: {r['step_ms']} ms = {share}; training peak RSS {r['train_peak_rss_mb']:.0f} MB")
+        rows.append(("train step breakdown (default model)", f"{r['step_ms']} ms: {share}", ""))
+        rows.append(("train peak RSS (default run)", f"{r['train_peak_rss_mb']:.0f} MB", ""))
+    if "inference" in want:
+        r = bench_inference(checkpoint)
+        results["inference"] = r
+        f, q = r["float"], r["int8"]
+        log(f"inference ({r['checkpoint']}): generation {f['generate_words_per_s']} -> {q['generate_words_per_s']} "
+            f"words/s with int8 ({r['int8_generate_speedup']:.2f}x); test eval {f['eval_seconds']} s "
+            f"({f['eval_tokens_per_s']:,} tok/s), ppl {f['test_ppl']} -> {q['test_ppl']} int8 ({r['int8_ppl_cost']:+.2%})")
+        rows.append(("WikiText-2 test eval, default model", f"{f['eval_seconds']} s ({f['eval_tokens_per_s']:,} tok/s)",
+                     "target < 15 s"))
+        rows.append(("generation words/s, float -> int8", f"{f['generate_words_per_s']} -> {q['generate_words_per_s']} "
+                     f"({r['int8_generate_speedup']:.2f}x)", "target >= 1.5x"))
+        rows.append(("test ppl, float -> int8", f"{f['test_ppl']} -> {q['test_ppl']} ({r['int8_ppl_cost']:+.2%})",
+                     "target <= +1%" if r["checkpoint"] != "untrained default model" else "untrained: not meaningful"))
+    if "cache" in want:
         r = bench_cache()
         results["cache"] = r
         log(f"token cache: {r['tokens']:,} tokens in {r['cache_seconds']:.1f} s = {r['cache_tokens_per_s'] / 1e6:.2f}M "
             f"tokens/s (vocabulary pass {r['vocab_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
             f"[target >= 1M tokens/s, < 1024 MB]")
+        rows.append(("token cache build", f"{r['cache_tokens_per_s'] / 1e6:.2f}M tok/s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                     "target >= 1M tok/s, < 1 GB"))
+    log(format_table(rows))
     return results
+
+
+def format_table(rows: list[tuple[str, str, str]]) -> str:
+    """The results as one Markdown table (ready to paste into the README)."""
+    lines = ["| measure | result | target / note |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     fn, *args = sys.argv[1:]
-    print(json.dumps({"_cache": _cache_child}[fn](*args)))
+    print(json.dumps({"_cache": _cache_child, "_train_rss": _train_rss_child}[fn](*args)))

@@ -80,9 +80,16 @@ class FullSoftmax(nn.Module):
         super().__init__()
         self.weight = tied if tied is not None else nn.Parameter(torch.empty(vocab_size, in_dim).uniform_(-0.1, 0.1))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.int8: nn.Module | None = None  # an inference-only int8 map (lm.quantize)
 
     def logits(self, h: Tensor) -> Tensor:
+        if self.int8 is not None:
+            return self.int8(h)
         return F.linear(h, self.weight, self.bias)  # (N, V)
+
+    def folded(self) -> list[tuple[Tensor, Tensor | None]]:
+        """(weight, bias) of the map from features to logits."""
+        return [(self.weight, self.bias)]
 
     def nll(self, h: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.logits(h), target, reduction="none")
@@ -129,6 +136,12 @@ class AdaptiveSoftmax(nn.Module):
             self.proj.append(p)
             if bias:
                 self.out_bias.append(nn.Parameter(torch.zeros(hi - lo)))
+        # Inference-only int8 maps set by lm.quantize: [head, tail 0, tail 1, ...], each
+        # features -> logits, with the bias and the tail's projection folded in.
+        self.int8: nn.ModuleList | None = None
+
+    def _sizes(self) -> list[int]:
+        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
 
     def _weights(self) -> tuple[Tensor, list[Tensor]]:
         """(shortlist word vectors, per-cluster word vectors)."""
@@ -137,21 +150,35 @@ class AdaptiveSoftmax(nn.Module):
             return short, tails
         return self.shortlist, list(self.out)
 
-    def _sizes(self) -> list[int]:
-        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+    def _head_logits(self, h: Tensor) -> Tensor:
+        """(N, D) -> (N, c_0 + n_clusters): the shortlist words, then one per cluster."""
+        if self.int8 is not None:
+            return self.int8[0](h)
+        short, _ = self._weights()
+        return F.linear(h, torch.cat([short, self.cluster]), self.head_bias)
 
-    def _tail_logits(self, i: int, h: Tensor, weight: Tensor) -> Tensor:
+    def _tail_logits(self, i: int, h: Tensor) -> Tensor:
+        """(N, D) -> (N, size of cluster i)."""
+        if self.int8 is not None:
+            return self.int8[i + 1](h)
+        _, tails = self._weights()
         b = self.out_bias[i] if self.head_bias is not None else None
-        return F.linear(self.proj[i](h), weight, b)
+        return F.linear(self.proj[i](h), tails[i], b)
 
-    def _head_log_probs(self, h: Tensor, short: Tensor) -> Tensor:
-        return F.log_softmax(F.linear(h, torch.cat([short, self.cluster]), self.head_bias), dim=-1)
+    def folded(self) -> list[tuple[Tensor, Tensor | None]]:
+        """(weight, bias) of each map from features to logits: the head, then each tail
+        with its projection multiplied in (W_i P_i: one matmul instead of two)."""
+        short, tails = self._weights()
+        maps = [(torch.cat([short, self.cluster]), self.head_bias)]
+        for i, p in enumerate(self.proj):
+            maps.append((tails[i] @ p.weight, self.out_bias[i] if self.head_bias is not None else None))
+        return maps
 
     def nll(self, h: Tensor, target: Tensor) -> Tensor:
         """h: (N, D), target: (N,) -> (N,). Only targets' clusters are computed."""
         cluster = torch.bucketize(target, self.cuts, right=True)  # 0 = head, i+1 = tail i
         rows = [(cluster == i + 1).nonzero().squeeze(1) for i in range(len(self.proj))]
-        if self.tied is not None:
+        if self.tied is not None and self.int8 is None:
             # One kernel for every block of the shared matrix: its backward writes all
             # block gradients into a single embedding-sized tensor.
             word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))])
@@ -159,8 +186,8 @@ class AdaptiveSoftmax(nn.Module):
             head_lp = F.log_softmax(head if self.head_bias is None else head + self.head_bias, dim=-1)
             tail_logits = [t if self.head_bias is None else t + b for t, b in zip(word_logits[1:], self.out_bias)]
         else:
-            head_lp = self._head_log_probs(h, self.shortlist)
-            tail_logits = [self._tail_logits(i, h[r], self.out[i]) for i, r in enumerate(rows)]
+            head_lp = F.log_softmax(self._head_logits(h), dim=-1)
+            tail_logits = [self._tail_logits(i, h[r]) for i, r in enumerate(rows)]
         head_index = torch.where(cluster == 0, target, self.bounds[1] + cluster - 1)
         out = -head_lp.gather(1, head_index.unsqueeze(1)).squeeze(1)
         for i, (r, logits) in enumerate(zip(rows, tail_logits)):
@@ -171,12 +198,11 @@ class AdaptiveSoftmax(nn.Module):
 
     def log_probs(self, h: Tensor) -> Tensor:
         """(..., D) -> (..., V): every word's exact log-probability."""
-        short, tails = self._weights()
-        head_lp = self._head_log_probs(h, short)
+        head_lp = F.log_softmax(self._head_logits(h), dim=-1)
         c0 = self.bounds[1]
         parts = [head_lp[..., :c0]]
         for i in range(len(self.proj)):
-            parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h, tails[i]), dim=-1))
+            parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h), dim=-1))
         return torch.cat(parts, dim=-1)
 
 
