@@ -45,8 +45,9 @@ repl: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# -rP prints what the slow tests report when they pass (the fault-injection figures)
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	$(BIN)/python -m pytest -q -m slow -rP $(ARGS)
 
 bench: install
 	$(BIN)/lm bench $(ARGS)

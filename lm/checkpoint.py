@@ -7,10 +7,13 @@ and needs nothing else: no corpus re-read, no side file.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from lm.tokenizer import Tokenizer
 
 FORMAT = "lm-checkpoint"
 VERSION = 1
+TMP = ".tmp"  # temporary files are .NAME.tmpPID, next to their target
 
 
 def make(cfg: Config, model: LSTMLM, tokenizer: Tokenizer, **extra) -> dict:
@@ -31,27 +35,106 @@ def make(cfg: Config, model: LSTMLM, tokenizer: Tokenizer, **extra) -> dict:
             "tokenizer": tokenizer.to_dict(), **extra}
 
 
-def save(ckpt: dict, path: str | Path) -> Path:
+def save(ckpt: dict, path: str | Path, *, before_replace: Callable[[], None] | None = None) -> Path:
     """Write atomically: a temporary file in the same directory, fsync, then rename, so a
-    crash or a full disk leaves the previous checkpoint untouched."""
+    crash or a full disk leaves the previous checkpoint untouched. ``before_replace``
+    runs between the two (tests use it to kill the process at the worst moment)."""
     path = Path(path)
     bad = [k for k, v in ckpt.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to write {path}: weights {bad[0]} are not finite (NaN or inf); "
-                              "the previous checkpoint is kept. Lower --lr or --clip and resume from it")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                              f"the previous {path.name} is unchanged")
+    tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace:
+            before_replace()
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                              "free some space or choose another --run directory") from None
+    except BaseException as e:  # a full disk, and also Ctrl-C: never leave the temporary file behind
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path}: {_reason(e)}; the previous {path.name} is unchanged") from None
+        raise
+    _fsync_dir(path.parent)
     return path
+
+
+def check_writable(directory: str | Path) -> None:
+    """Fail now, not at the first checkpoint an hour from now, if nothing can be written
+    to ``directory``: write a probe file into it or, while it does not exist yet, check
+    write access to the nearest existing parent (creating it now would leave an empty
+    directory behind whenever a later check fails, a misspelled corpus say)."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot use {directory} as the run directory: {existing} is a file; "
+                              "choose another --run directory")
+    if existing != directory:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CheckpointError(f"cannot create the run directory {directory}: {existing} is not writable; "
+                                  "choose another --run directory")
+        return
+    probe = directory / f".write-probe{TMP}{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"lm")
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {_reason(e)}; choose another --run "
+                              "directory, or free space / fix permissions there") from None
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files that a killed process left in ``directory`` (named
+    ``.NAME.tmpPID`` by ``save``; only those whose process is gone). Returns them."""
+    removed = []
+    for tmp in Path(directory).glob(f".*{TMP}*"):
+        pid = tmp.name.rpartition(TMP)[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            with suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, and someone else's
+        pass
+    return True
+
+
+def _reason(e: OSError) -> str:
+    """'No space left on device (ENOSPC)' from an OSError, for one-line messages."""
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}" + (f" ({name})" if name else "")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable: without it a power cut can bring the old file back."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories; the rename is done either way
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | Path) -> dict:

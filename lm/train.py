@@ -5,7 +5,8 @@ truncated-BPTT steps with an evaluation on the validation split at each epoch's 
 Everything a step depends on (weights, optimiser and averaging state, learning rate,
 RNG states, the position in the data and the LSTM state carried across windows) is in
 ``last.pt``, so ``--resume`` continues bit for bit where a run stopped, even after a
-SIGKILL between two periodic saves.
+SIGKILL between two periodic saves. The same state, kept in memory at each save, is
+where a NaN or infinite loss rolls back to, with half the learning rate.
 
 Data parallel: started by ``torchrun --nproc_per_node=N -m lm train ...``, each rank
 trains on its own contiguous slice of the token stream and gradients are averaged with
@@ -13,6 +14,7 @@ one all-reduce per step (gloo on CPU, nccl on GPU); rank 0 alone writes files.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import math
@@ -20,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -31,14 +34,19 @@ from lm.batching import batchify, bptt_windows
 from lm.config import Config, DataConfig, merge
 from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
-from lm.errors import ConfigError, DataError
+from lm.errors import CheckpointError, ConfigError, DataError, LMError
 from lm.evaluate import evaluate, perplexity
 from lm.model import LSTMLM, detach
 from lm.regularizers import activation_reg, temporal_activation_reg
 from lm.tokenizer import Tokenizer
 
-FAIL_AT_STEP = "LM_FAIL_AT_STEP"  # fault injection for tests: SIGKILL this process after that step
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "save_every", "patience", "log_every", "threads", "device"}
+# Fault injection for tests, read from the environment once per run:
+FAIL_AT_STEP = "LM_FAIL_AT_STEP"  # SIGKILL this process right after that step (and its periodic save)
+FAIL_IN_SAVE = "LM_FAIL_IN_SAVE"  # SIGKILL it inside the save at that step: temporary file written, not yet renamed
+NAN_AT_STEP = "LM_NAN_AT_STEP"  # comma-separated steps whose loss becomes NaN; a step listed n times, its first n runs
+ROLLBACK_LR_FACTOR = 0.5  # each rollback after a non-finite loss multiplies the learning rate by this
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_rollbacks", "save_every", "patience", "log_every", "threads",
+             "device"}
 
 
 def build_config(*layers: dict) -> Config:
@@ -150,7 +158,12 @@ def averaged_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, o
 def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, log=print) -> dict:
     """Train as ``cfg`` says, writing best.pt, last.pt and metrics.jsonl into ``run_dir``
-    (with ``resume``, continue the run there). Returns the summary."""
+    (with ``resume``, continue the run there). Returns the summary.
+
+    Every save also keeps the saved state in memory as the last good one. A NaN or
+    infinite loss (or weights) sends the run back to it with half the learning rate, at
+    most ``--max-rollbacks`` times; then the run stops with an LMError, and nothing
+    non-finite is ever written."""
     cfg.validate()
     tc, dc = cfg.train, cfg.data
     run_dir = Path(run_dir or default_run_dir(cfg))
@@ -159,6 +172,9 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                           "choose another --run, or pass --overwrite to replace it")
     rank, world = _init_distributed(tc)
     lead = rank == 0
+    if lead:  # nowhere to save is an error now, not at the first checkpoint an hour from now
+        checkpoint.check_writable(run_dir)
+        checkpoint.remove_stale_temporaries(run_dir)
     ckpt = checkpoint.load(run_dir / "last.pt") if resume else None
     if ckpt and "rng" not in ckpt.get("state", {}):
         raise ConfigError(f"{run_dir / 'last.pt'} has no loop state to resume from (an older format): "
@@ -180,45 +196,111 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     model = LSTMLM(cfg.model, tokenizer.vocab_size).to(device)
     state = {"epoch": 1, "pos": 0, "step": 0, "lr": tc.lr, "best_val_loss": math.inf, "bad_evals": 0,
              "val_history": [], "averaging": False, "elapsed": 0.0, "epoch_loss": 0.0, "epoch_tokens": 0,
-             "log_loss": 0.0, "log_tokens": 0, "hidden": None}
+             "log_loss": 0.0, "log_tokens": 0, "hidden": None, "rollbacks": 0}
     bptt_rng = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed + 1000 * rank)  # dropout masks differ across ranks
-    if ckpt:
-        state = ckpt["state"]
-        model.load_state_dict(ckpt.get("raw_model") or ckpt["model"])
     optimizer = make_optimizer(tc, model, state["lr"], state["averaging"])
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    hidden = None
+
+    def restore(snapshot: dict) -> None:
+        """Put the run in the state ``snapshot`` holds: a checkpoint to resume from, or the
+        in-memory last good state to roll back to (which must stay reusable, hence copies:
+        loading an optimizer state keeps references to its tensors)."""
+        nonlocal state, optimizer, hidden
+        state = copy.deepcopy(snapshot["state"])
+        state.setdefault("rollbacks", 0)  # checkpoints written before rollbacks existed
+        model.load_state_dict(snapshot.get("raw_model") or snapshot["model"])
+        optimizer = make_optimizer(tc, model, state["lr"], state["averaging"])
+        optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         torch.set_rng_state(state["rng"])
         bptt_rng.set_state(state["bptt_rng"])
-    hidden = [(h.to(device), c.to(device)) for h, c in state["hidden"]] if state["hidden"] else None
+        hidden = [(h.to(device), c.to(device)) for h, c in state["hidden"]] if state["hidden"] else None
+
+    def capture(metrics: dict | None) -> dict:
+        """Everything the next step depends on, as a checkpoint dict of copies (later steps
+        leave it alone); the weights are the averaged ones while NT-ASGD averages."""
+        carried = [tuple(t.detach().to("cpu", copy=True) for t in hc) for hc in hidden] if hidden else None
+        extra = {"optimizer": copy.deepcopy(optimizer.state_dict()), "metrics": metrics or {},
+                 "state": copy.deepcopy(state) | {"rng": torch.get_rng_state(), "bptt_rng": bptt_rng.get_state(),
+                                                  "hidden": carried}}
+        if state["averaging"]:
+            extra["raw_model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        with averaged_weights(model, optimizer, state["averaging"]):
+            snapshot = checkpoint.make(cfg, model, tokenizer, **extra)
+            snapshot["model"] = {k: v.clone() for k, v in snapshot["model"].items()}
+        return snapshot
+
+    if ckpt:
+        restore(ckpt)
+    good = ckpt or capture(None)  # the last good state: what a non-finite loss rolls back to
+    saved_step = state["step"] if ckpt else None  # the step last.pt holds, for messages
     n_params = sum(p.numel() for p in model.parameters())
     metrics_path = run_dir / "metrics.jsonl"
     if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, state["step"] if ckpt else 0)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create {run_dir}: {e.strerror or e}; "
+                                  "choose another --run directory") from None
+        _truncate_metrics(metrics_path, state["step"], state["rollbacks"])
         log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
             f"threads{f' x{world} ranks' if world > 1 else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
 
-    def save(name: str, metrics: dict | None) -> None:
+    def disk_full_hint() -> str:
+        return ("free some space or fix the permissions, then " +
+                (f"continue from step {saved_step:,} with lm train --resume {run_dir}" if saved_step is not None
+                 else "train again"))
+
+    def commit(metrics: dict | None, *names: str) -> None:
+        """Make the current state the last good one, and write it (rank 0) as ``names``."""
+        nonlocal good, saved_step
+        good = capture(metrics)
         if not lead:
             return
-        extra = {"optimizer": optimizer.state_dict(), "metrics": metrics or {},
-                 "state": state | {"rng": torch.get_rng_state(), "bptt_rng": bptt_rng.get_state(),
-                                   "hidden": [(h.cpu(), c.cpu()) for h, c in hidden] if hidden else None}}
-        if state["averaging"]:
-            extra["raw_model"] = {k: v.clone() for k, v in model.state_dict().items()}
-        with averaged_weights(model, optimizer, state["averaging"]):
-            checkpoint.save(checkpoint.make(cfg, model, tokenizer, **extra), run_dir / name)
+        fault = _kill_self if state["step"] == fail_in_save else None
+        for name in names:
+            try:
+                checkpoint.save(good, run_dir / name, before_replace=fault)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; {disk_full_hint()}") from None
+        if "last.pt" in names:
+            saved_step = state["step"]
 
     def log_metrics(record: dict) -> None:
         if lead:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise LMError(f"cannot write {metrics_path}: {e.strerror or e}; {disk_full_hint()}") from None
+
+    def roll_back(why: str) -> None:
+        """Go back to the last good state with half the learning rate, or give up."""
+        bad_step, lr, count = state["step"], state["lr"] * ROLLBACK_LR_FACTOR, state["rollbacks"] + 1
+        if count > tc.max_rollbacks:
+            tried = (f"after {tc.max_rollbacks} rollback(s), each to a lower learning rate (now {state['lr']:.3g})"
+                     if tc.max_rollbacks else "with --max-rollbacks 0")
+            if saved_step is None:
+                more, kept = "--max-rollbacks N", "nothing was saved yet"
+            else:
+                more = f"lm train --resume {run_dir} --max-rollbacks N"
+                kept = f"{run_dir / 'last.pt'} (step {saved_step:,}) is intact"
+            raise LMError(f"{why} at step {bad_step:,} {tried}: train again with a lower --lr or --clip, or "
+                          f"allow more rollbacks ({more}); {kept}")
+        restore(good)
+        state.update(lr=lr, rollbacks=count, elapsed=time.monotonic() - start)
+        if lead:
+            _truncate_metrics(metrics_path, state["step"], count - 1)  # the undone steps leave the log
+            log_metrics({"event": "rollback", "step": state["step"], "from_step": bad_step, "why": why,
+                         "lr": lr, "rollbacks": count})
+            log(f"{why} at step {bad_step:,}: rolled back to step {state['step']:,}, learning rate now {lr:.3g} "
+                f"(rollback {count} of at most {tc.max_rollbacks})")
 
     stop, fail_at = "", int(os.environ.get(FAIL_AT_STEP, "0"))
+    fail_in_save = int(os.environ.get(FAIL_IN_SAVE, "0"))
+    nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
     deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext()
@@ -227,6 +309,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
             epoch = state["epoch"]
             model.train()
             t0 = time.monotonic()
+            trouble = ""  # why the steps since the last good state cannot be kept
             bar = tqdm(total=columns * dc.batch_size, initial=state["pos"] * dc.batch_size, unit="tok",
                        unit_scale=True, desc=f"epoch {epoch}/{tc.epochs}", disable=None if progress and lead else True,
                        dynamic_ncols=True, leave=False)
@@ -241,20 +324,24 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 with autocast:
                     features, hidden, raw = model(x, detach(hidden) if hidden else None, return_raw=True)
                     nll = model.nll(features, y).float().mean()
+                if nan_at[state["step"] + 1]:  # fault injection (LM_NAN_AT_STEP)
+                    nan_at[state["step"] + 1] -= 1
+                    nll = nll * math.nan
                 loss = nll + activation_reg(features, tc.alpha) + temporal_activation_reg(raw, tc.beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if world > 1:
-                    _average_gradients(model, world)
+                if world > 1:  # the ranks' losses ride along, so that all of them see a NaN at once
+                    nll_everywhere = _average_gradients(model, world, nll.detach())
                 if tc.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
                 optimizer.step()
                 state["step"] += 1
                 state["pos"] = pos + x.size(1)
-                value = nll.item()
-                if not math.isfinite(value):
-                    raise DataError(f"the training loss became {value} at step {state['step']}: "
-                                    "lower --lr or --clip and train again")
+                value = nll.item()  # the step's one host sync, which the log needs anyway
+                if not math.isfinite(value if world == 1 else nll_everywhere.item()):
+                    trouble = f"the training loss was {value}" if not math.isfinite(value) else \
+                        "another rank's training loss was not finite"
+                    break
                 state["epoch_loss"] += value * y.numel()
                 state["epoch_tokens"] += y.numel()
                 state["log_loss"] += value * y.numel()
@@ -269,9 +356,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                     state["log_loss"], state["log_tokens"], t0 = 0.0, 0, time.monotonic()
                 state["elapsed"] = time.monotonic() - start
                 if tc.save_every and state["step"] % tc.save_every == 0:
-                    save("last.pt", None)
+                    if not _all_finite(model, optimizer, world):
+                        trouble = "the weights became non-finite"
+                        break
+                    commit(None, "last.pt")
                 if state["step"] == fail_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    _kill_self()
                 if tc.max_steps and state["step"] >= tc.max_steps:
                     stop = f"--max-steps {tc.max_steps} reached"
                 elif time.monotonic() > deadline:
@@ -281,8 +371,14 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 if stop:
                     break
             bar.close()
+            if not trouble and not _all_finite(model, optimizer, world):  # a finite loss can still break them
+                trouble = "the weights became non-finite"
+            if trouble:
+                roll_back(trouble)
+                stop = ""  # budgets and a stop request are checked again on the next step
+                continue
             if stop == "interrupted":
-                save("last.pt", None)
+                commit(None, "last.pt")
                 break
             epoch_done = state["pos"] >= columns
             with averaged_weights(model, optimizer, state["averaging"]):
@@ -303,9 +399,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
             if epoch_done:
                 state.update(epoch=epoch + 1, pos=0, epoch_loss=0.0, epoch_tokens=0)
                 hidden = None
-            if improved:
-                save("best.pt", record)
-            save("last.pt", record)
+            commit(record, *(("best.pt", "last.pt") if improved else ("last.pt",)))
             if lead:
                 log(f"epoch {epoch}{'' if epoch_done else ' (partial)'}: train ppl {record['train_ppl']:.2f}, "
                     f"valid ppl {val['ppl']:.2f}{' (best)' if improved else ''}, lr {record['lr']:.3g}"
@@ -317,11 +411,27 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     summary = {"run": str(run_dir), "epochs": min(state["epoch"], tc.epochs), "steps": state["step"],
                "best_valid_ppl": math.exp(state["best_val_loss"]) if math.isfinite(state["best_val_loss"]) else None,
                "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
-               "checkpoint": str(run_dir / "best.pt")}
+               "checkpoint": str(run_dir / "best.pt"), "rollbacks": state["rollbacks"]}
     log_metrics({"summary": summary})
     if world > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _all_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int) -> bool:
+    """Whether the weights and the optimizer's state (momenta, NT-ASGD's average) are all
+    finite, on every rank. One host sync: called at saves, not at every step."""
+    tensors = [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()
+    if world > 1:
+        ok = ok.to(torch.int32)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
+
+
+def _kill_self() -> None:
+    """Fault injection: die as a power cut or the OOM killer would, with no clean-up."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _after_evaluation(tc, state: dict, val_loss: float, improved: bool) -> str:
@@ -376,36 +486,49 @@ def _shard(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return ids[rank * n : (rank + 1) * n] if world > 1 else ids
 
 
-def _average_gradients(model: torch.nn.Module, world: int) -> None:
-    """One all-reduce over all gradients, flattened (a missing gradient counts as 0)."""
+def _average_gradients(model: torch.nn.Module, world: int, loss: torch.Tensor) -> torch.Tensor:
+    """One all-reduce over all gradients, flattened (a missing gradient counts as 0), with
+    this rank's ``loss`` riding along. Returns the ranks' mean loss: NaN if any is."""
     params = list(model.parameters())
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(params[0].grad.dtype)])
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+    return flat[-1]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records written after the checkpoint's step, so the log reads
-    as if the run had never stopped; a fresh run starts a fresh log."""
+def _truncate_metrics(path: Path, step: int, rollbacks: int) -> None:
+    """Drop the records of work the weights no longer hold: after a resume or rollback,
+    the steps after ``step`` and the rollbacks after the first ``rollbacks``, so that the
+    log reads as the history of the weights (a fresh run, at 0 and 0, starts it empty).
+    Rewritten atomically: a kill during the rewrite must not empty the log."""
     if not path.exists():
         return
     keep = []
-    if step:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if "summary" not in record and record.get("step", 0) <= step:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if "event" in record:
+            if record.get("rollbacks", 0) <= rollbacks:
                 keep.append(line)
-    path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+        elif "summary" not in record and record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}{checkpoint.TMP}{os.getpid()}")
+    try:
+        tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LMError(f"cannot rewrite {path}: {e.strerror or e}; free some space or fix the permissions "
+                      "and run again") from None
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from conftest import REPO
 FLAGS = ["--emb-dim", "16", "--hidden-dim", "24", "--cutoffs", "10,20", "--batch-size", "4", "--bptt", "8",
          "--epochs", "3", "--max-minutes", "0", "--lr", "5", "--save-every", "10", "--log-every", "5",
          "--variable-bptt", "--weight-drop", "0.3", "--dropout-embed", "0.1", "--alpha", "1", "--beta", "1",
-         "--optimizer", "ntasgd", "--nonmono", "1", "--quiet"]
+         "--optimizer", "ntasgd", "--nonmono", "1", "--threads", "1", "--quiet"]
 
 
 def lm(*args, env=None, check=True):
@@ -87,7 +87,8 @@ def test_sigterm_saves_and_exits_cleanly_with_a_resume_hint(tiny_corpus, tmp_pat
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run", str(run),
                              "--emb-dim", "16", "--hidden-dim", "16", "--batch-size", "4", "--epochs", "100000",
-                             "--max-minutes", "0", "--save-every", "0", "--log-every", "1", "--quiet"],
+                             "--max-minutes", "0", "--save-every", "0", "--log-every", "1", "--threads", "1",
+                             "--quiet"],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
