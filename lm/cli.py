@@ -76,44 +76,222 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lm.checkpoint import load_model
     from lm.corpus import open_corpus
     from lm.data import token_stream, word_count
-    from lm.evaluate import add_word_level, evaluate
+    from lm.evaluate import add_word_level, evaluate, write_token_dump
     from lm.train import set_threads
 
+    _check_eval_methods(args)
     set_threads(args.threads)
     cfg, model, tokenizer, _ = load_model(args.checkpoint)
+    if args.autocomplete:
+        from lm.keyboard import lstm_rows
+        return _autocomplete(args, tokenizer, lambda stream: lstm_rows(model, stream, tokenizer.eos_id))
     corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict, held_out=cfg.data.held_out)
     stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
+    dump = args.dump_tokens is not None
     result = evaluate(model, stream, bos_id=tokenizer.eos_id, batch_size=args.batch_size,
-                      progress=not args.json, desc=args.split)
+                      progress=not args.json, desc=args.split, unk_id=tokenizer.unk_id, keep_tokens=dump)
+    columns = {"logprob": result.pop("token_log_probs")} if dump else {}
     result |= {"split": args.split, "corpus": corpus.name, "checkpoint": str(args.checkpoint),
                "batch_size": args.batch_size}
     if tokenizer.subword:
         result = add_word_level(result, word_count(corpus, args.split))
+    result |= _eval_methods(args, model, tokenizer, corpus, stream, columns)
+    if dump:
+        pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)] if tokenizer.subword else tokenizer.words
+        result["dump_tokens"] = str(write_token_dump(args.dump_tokens, stream, pieces, columns))
     if args.json:
         _print_json(result)
     else:
         per_word = f"  word ppl {result['word_ppl']:.2f}" if "word_ppl" in result else ""
         print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}{per_word}  loss {result['loss']:.4f}  "
-              f"tokens {result['tokens']:,}  ({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
+              f"tokens {result['tokens']:,}  oov {result['oov_rate']:.2%}  "
+              f"({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
+        _print_eval_methods(result)
     return 0
+
+
+def _check_eval_methods(args: argparse.Namespace) -> None:
+    """Refuse bad method settings before minutes of scoring, not after."""
+    from lm import cache, dynamic
+
+    if args.dump_tokens is not None and not Path(args.dump_tokens).parent.is_dir():
+        raise ConfigError(f"--dump-tokens {args.dump_tokens}: no such directory; create it or choose another path")
+    cache.check_settings(args.cache_window or cache.WINDOW, _or(args.cache_theta, cache.THETA),
+                         _or(args.cache_lambda, cache.LAMBDA))
+    if args.dynamic:
+        dynamic.check_settings(args.dynamic, _or(args.dynamic_lr, dynamic.LR[args.dynamic]),
+                               _or(args.dynamic_decay, dynamic.DECAY[args.dynamic]), args.dynamic_bptt or dynamic.BPTT)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, columns: dict) -> dict:
+    """The cache and dynamic evaluation results that ``lm eval`` was asked for, each
+    under its own key; their per-token log-probabilities go into ``columns``."""
+    from lm.cache import evaluate_cache, tune_cache
+    from lm.data import token_stream
+    from lm.dynamic import BPTT, MS_TOKENS, dynamic_evaluate, gradient_ms
+
+    out, show, dump, bos = {}, not args.json, args.dump_tokens is not None, tokenizer.eos_id
+    if args.cache or args.tune_cache:
+        window = {"window": args.cache_window} if args.cache_window is not None else {}
+        given = {"theta": args.cache_theta, "lam": args.cache_lambda}
+        cache = window | {k: v for k, v in given.items() if v is not None}
+        if args.tune_cache:
+            valid = token_stream(corpus, "valid", tokenizer, progress=show)
+            out["cache_tuning"] = tune = tune_cache(model, valid, bos_id=bos, progress=show, **window)
+            cache |= {"theta": tune["theta"], "lam": tune["lambda"]}
+        out["cache"] = evaluate_cache(model, stream, bos_id=bos, progress=show, keep_tokens=dump, **cache)
+        if dump:
+            columns["logprob_cache"] = out["cache"].pop("token_log_probs")
+    if args.dynamic:
+        ms, stats, bptt = None, {}, args.dynamic_bptt or BPTT
+        if args.dynamic == "rms":  # gradient statistics from the start of the training split
+            start = time.perf_counter()
+            train_ids = token_stream(corpus, "train", tokenizer, progress=show)[: args.dynamic_ms_tokens or MS_TOKENS]
+            ms = gradient_ms(model, train_ids, bos_id=bos, bptt=bptt, progress=show)
+            stats = {"ms_tokens": train_ids.numel(), "ms_seconds": time.perf_counter() - start}
+        out["dynamic"] = stats | dynamic_evaluate(model, stream, bos_id=bos, method=args.dynamic, lr=args.dynamic_lr,
+                                                  decay=args.dynamic_decay, bptt=bptt, ms=ms,
+                                                  progress=show, keep_tokens=dump)
+        if dump:
+            columns["logprob_dynamic"] = out["dynamic"].pop("token_log_probs")
+    return out
+
+
+def _print_eval_methods(r: dict) -> None:
+    if "cache_tuning" in r:
+        t = r["cache_tuning"]
+        print(f"cache tuned on valid: theta {t['theta']:g}, lambda {t['lambda']:g} -> valid ppl {t['ppl']:.2f} "
+              f"(plain {t['plain_ppl']:.2f}), {t['seconds']:.1f} s")
+    if "cache" in r:
+        c = r["cache"]
+        print(f"+ cache (window {c['window']}, theta {c['theta']:g}, lambda {c['lambda']:g}): ppl {c['ppl']:.2f}, "
+              f"plain {c['plain_ppl']:.2f} at batch size 1 ({c['ppl'] / c['plain_ppl'] - 1:+.1%})  "
+              f"({c['tokens_per_s']:,.0f} tok/s, {c['seconds']:.1f} s)")
+    if "dynamic" in r:
+        d = r["dynamic"]
+        print(f"+ dynamic {d['method']} (lr {d['lr']:g}, decay {d['decay']:g}, bptt {d['bptt']}): ppl {d['ppl']:.2f} "
+              f"({d['ppl'] / r['ppl'] - 1:+.1%} against the plain ppl above)  "
+              f"({d['tokens_per_s']:,.0f} tok/s, {d['seconds']:.1f} s"
+              + (f"; gradient statistics on {d['ms_tokens']:,} training tokens {d['ms_seconds']:.1f} s)"
+                 if "ms_tokens" in d else ")"))
+    if "dump_tokens" in r:
+        print(f"per-token log-probabilities written to {r['dump_tokens']}")
+
+
+# -- ngram, autocomplete ------------------------------------------------------------------
+
+def cmd_ngram_train(args: argparse.Namespace) -> int:
+    from lm.data import token_stream
+    from lm.ngram import KneserNey
+
+    corpus, spec, held_out, tokenizer, run = _ngram_source(args)
+    start = time.perf_counter()
+    stream = token_stream(corpus, "train", tokenizer, progress=not args.json)
+    model = KneserNey.train(stream, tokenizer.vocab_size, tokenizer.eos_id, args.order, tokenizer=tokenizer,
+                            meta={"corpus": spec, "held_out": held_out, "train_tokens": stream.numel()},
+                            progress=not args.json)
+    path = model.save(args.out or run / f"kn{args.order}.npz")
+    summary = {"model": str(path), "order": args.order, "corpus": corpus.name, "train_tokens": stream.numel(),
+               "ngrams": model.sizes(), "seconds": time.perf_counter() - start}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"KN{args.order} on {corpus.name} train ({stream.numel():,} tokens): "
+              f"{sum(summary['ngrams']):,} n-grams in {summary['seconds']:.1f} s -> {path}")
+    return 0
+
+
+def _ngram_source(args: argparse.Namespace):
+    """(corpus, its spec, held-out fraction, tokenizer, default output directory) for
+    ``lm ngram train``. An LSTM checkpoint or run directory lends its tokenizer and
+    corpus, so that both models read the same stream; anything else is a corpus,
+    tokenized as ``lm train`` would tokenize it."""
+    from lm.checkpoint import load_model
+    from lm.corpus import open_corpus
+    from lm.data import load_tokenizer
+    from lm.train import build_config, default_run_dir
+
+    src, flags = Path(args.source), overrides_from_args(args)
+    if src.suffix == ".pt" or (src.is_dir() and any((src / n).is_file() for n in ("best.pt", "last.pt"))):
+        if flags:
+            raise ConfigError(f"tokenizer flags do not apply to {src}: the n-gram model uses its tokenizer")
+        cfg, _, tokenizer, _ = load_model(src)
+        corpus = open_corpus(cfg.data.corpus, held_out=cfg.data.held_out)
+        return corpus, cfg.data.corpus, cfg.data.held_out, tokenizer, src if src.is_dir() else src.parent
+    cfg = build_config({"data": {"corpus": args.source}}, flags)
+    corpus = open_corpus(args.source, held_out=cfg.data.held_out)
+    return corpus, args.source, cfg.data.held_out, load_tokenizer(corpus, cfg.tokenizer), default_run_dir(cfg)
+
+
+def cmd_ngram_eval(args: argparse.Namespace) -> int:
+    from lm.corpus import open_corpus
+    from lm.data import token_stream
+    from lm.ngram import KneserNey
+
+    model = KneserNey.load(args.model)
+    tok = model.tokenizer
+    if args.autocomplete:
+        return _autocomplete(args, tok, lambda stream: model.log_prob_rows(stream, tok.eos_id))
+    if "corpus" not in model.meta:
+        raise ConfigError(f"{args.model} does not say which corpus it was trained on: "
+                          "score a text file with --autocomplete instead")
+    corpus = open_corpus(model.meta["corpus"], held_out=model.meta.get("held_out", DataConfig().held_out))
+    stream = token_stream(corpus, args.split, tok, progress=not args.json)
+    result = model.score(stream, tok.eos_id) | {"split": args.split, "corpus": corpus.name, "model": str(args.model),
+                                                 "order": model.order}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}  loss {result['loss']:.4f}  "
+              f"tokens {result['tokens']:,}  (KN{model.order}, {result['tokens_per_s']:,.0f} tok/s, "
+              f"{result['seconds']:.1f} s)")
+    return 0
+
+
+def _autocomplete(args: argparse.Namespace, tokenizer, rows) -> int:
+    """``--autocomplete FILE`` for any model given as stream -> next-word log-prob rows."""
+    from lm.keyboard import score_file
+
+    r = score_file(args.autocomplete, tokenizer, rows, k=args.k, max_words=args.max_words, progress=not args.json)
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"autocomplete {r['file']}: {r['words']:,} words  top-1 {r['top1']:.1%}  top-3 {r['top3']:.1%}  "
+              f"top-5 {r['top5']:.1%}  keystroke savings {r['keystroke_savings']:.1%} (k={r['k']})  "
+              f"oov {r['oov_rate']:.1%}  ({r['words_per_s']:,.0f} words/s, {r['seconds']:.1f} s)")
+    return 0
+
+
+def _autocomplete_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autocomplete", metavar="FILE",
+                   help="instead of perplexity: next-word accuracy and keystroke savings typing FILE "
+                        "(definitions in lm/keyboard.py)")
+    p.add_argument("--k", type=_positive_int, default=3, help="with --autocomplete: suggestions shown (default: 3)")
+    p.add_argument("--max-words", type=_positive_int, metavar="N",
+                   help="with --autocomplete: type only the first N words")
 
 
 # -- generate ----------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lm.checkpoint import load_model
-    from lm.sample import TextStream, generate
+    from lm.predict import read_user_text
+    from lm.sample import continue_text
 
     sc = _sample_config(args)
+    # --prompt @FILE reads the file; @@ stands for a literal leading @
+    prompt = args.prompt[1:] if args.prompt.startswith("@@") else \
+        read_user_text(args.prompt[1:]) if args.prompt.startswith("@") else args.prompt
     _, model, tok, _ = load_model(args.checkpoint)
-    prompt = [tok.eos_id] + tok.encode_typed(args.prompt)
-    last_line = prompt[len(prompt) - prompt[::-1].index(tok.eos_id):]
-    out = TextStream(tok, last_line)
-    sys.stdout.write(tok.render(prompt[1:]))
+    sys.stdout.write(prompt.rstrip(" \t"))  # as typed: words the model does not know stay words
     t0, n = time.perf_counter(), 0
-    for token in generate(model, prompt, args.max_words, temperature=sc.temperature, top_k=sc.top_k,
-                          top_p=sc.top_p, seed=sc.seed, banned=[tok.unk_id]):
-        sys.stdout.write(out.add(token))
+    for piece in continue_text(model, tok, prompt, args.max_words, temperature=sc.temperature, top_k=sc.top_k,
+                               top_p=sc.top_p, seed=sc.seed):
+        sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
     seconds = time.perf_counter() - t0
@@ -134,17 +312,32 @@ def _sample_config(args: argparse.Namespace) -> SampleConfig:
 
 # -- complete / repl -----------------------------------------------------------------------
 
-def _predictor(checkpoint: str, threads: int):
+def _predictor(args: argparse.Namespace):
+    """The predictor that complete, repl and serve share: session memory (neural cache)
+    unless --cache-lambda is 0, a block list, text learned from --learn files, and
+    optionally int8 weights."""
+    from lm.cache import LAMBDA, THETA, WINDOW, NeuralCache, check_settings
     from lm.checkpoint import load_model
-    from lm.predict import Predictor
+    from lm.predict import Predictor, read_user_text
     from lm.train import set_threads
 
-    set_threads(threads)
-    _, model, tok, _ = load_model(checkpoint)
+    window, theta, lam = (WINDOW if args.cache_window is None else args.cache_window,
+                          THETA if args.cache_theta is None else args.cache_theta,
+                          LAMBDA if args.cache_lambda is None else args.cache_lambda)
+    check_settings(window, theta, lam)
+    set_threads(args.threads)
+    _, model, tok, _ = load_model(args.checkpoint)
     if tok.subword:
-        raise LMError(f"autocomplete needs a word-level model, and {checkpoint} uses {tok.kind} "
+        raise LMError(f"autocomplete needs a word-level model, and {args.checkpoint} uses {tok.kind} "
                       "subwords: train one with --kind word")
-    return Predictor(model, tok)
+    if args.int8:
+        from lm.quantize import quantize
+        model = quantize(model)
+    memory = NeuralCache(window, theta, lam, model.layers[-1].hidden_size) if lam > 0 else None
+    pred = Predictor(model, tok, memory=memory, block=read_user_text(args.block).split() if args.block else ())
+    for path in getattr(args, "learn", None) or ():
+        pred.learn(read_user_text(path))
+    return pred
 
 
 def _check_k(k: int) -> None:
@@ -154,7 +347,7 @@ def _check_k(k: int) -> None:
 
 def cmd_complete(args: argparse.Namespace) -> int:
     _check_k(args.k)
-    s = _predictor(args.checkpoint, args.threads).complete_text(args.text, args.k)
+    s = _predictor(args).complete_text(args.text, args.k)
     if args.json:
         _print_json(s.to_json())
     else:
@@ -167,7 +360,31 @@ def cmd_repl(args: argparse.Namespace) -> int:
     from lm.repl import run
 
     _check_k(args.k)
-    return run(_predictor(args.checkpoint, args.threads), k=args.k)
+    return run(_predictor(args), k=args.k, plain=args.plain)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lm.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    return serve(_predictor(args), args.host, args.port)
+
+
+def _predictor_flags(p: argparse.ArgumentParser, learn: bool = True) -> None:
+    p.add_argument("--threads", type=_nonneg_int, default=1, help="torch threads; 0 = one per core (default: 1)")
+    p.add_argument("--block", metavar="FILE", help="never suggest these words (whitespace-separated, any casing)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="int8 weights (lm.quantize): a word costs 2-4x less time, with the same top-k accuracy "
+                        "on WikiText-2; --no-int8 keeps the float weights (default: int8)")
+    if learn:
+        p.add_argument("--learn", metavar="FILE", action="append",
+                       help="adapt the suggestions to your own text (repeatable; its last --cache-window words count)")
+    # defaults (None here) are lm.cache's, resolved in _predictor: building the parser imports no torch
+    p.add_argument("--cache-window", type=_positive_int, help="session memory: words remembered (default: 3785)")
+    p.add_argument("--cache-theta", type=float, help="session memory: similarity scale (default: 0.662)")
+    p.add_argument("--cache-lambda", type=float,
+                   help="session memory: weight in the mixture; 0 turns it off (default: 0.1279)")
 
 
 # -- corpus ------------------------------------------------------------------------------
@@ -210,7 +427,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lm.bench import run
 
-    results = run(args.only)
+    results = run(args.only, checkpoint=args.checkpoint)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"results written to {args.json}")
@@ -246,11 +463,48 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=_nonneg_int, default=0)
     e.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
     e.add_argument("--json", action="store_true")
+    _autocomplete_flags(e)
+    e.add_argument("--dump-tokens", metavar="FILE",
+                   help="write every target token's position, string and natural-log probability (one column per "
+                        "method run): JSON lines if FILE ends in .jsonl, else tab-separated with a header row")
+    e.add_argument("--cache", action="store_true",
+                   help="also score with the continuous cache pointer (Grave et al. 2017), at batch size 1")
+    e.add_argument("--cache-window", type=_positive_int, help="positions the cache remembers (default: 3785)")
+    e.add_argument("--cache-theta", type=float, help="similarity scale (default: 0.662)")
+    e.add_argument("--cache-lambda", type=float, help="cache weight in the mixture, 0 to 1 (default: 0.1279)")
+    e.add_argument("--tune-cache", action="store_true",
+                   help="choose --cache-theta and --cache-lambda on the valid split first (implies --cache)")
+    e.add_argument("--dynamic", choices=("sgd", "rms"),
+                   help="also score with dynamic evaluation (Krause et al. 2018): plain SGD, or RMS-normalised "
+                        "steps with decay toward the trained weights")
+    e.add_argument("--dynamic-lr", type=float, help="step size (default: sgd 0.5, rms 0.0001)")
+    e.add_argument("--dynamic-decay", type=float, help="pull toward the trained weights per step (default: sgd 0, rms 0.002)")
+    e.add_argument("--dynamic-bptt", type=_positive_int, help="tokens per update (default: 20)")
+    e.add_argument("--dynamic-ms-tokens", type=_positive_int,
+                   help="rms: training tokens for the gradient statistics (default: 200000)")
     e.set_defaults(func=cmd_eval)
+
+    ng = sub.add_parser("ngram", help="Kneser-Ney n-gram baseline: train on a corpus, then score it like eval")
+    ngs = ng.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
+    nt = ngs.add_parser("train", help="count the n-grams of a training split")
+    nt.add_argument("source", help="corpus name, directory or file; or an LSTM checkpoint or run directory, "
+                                   "whose tokenizer and corpus the n-gram model then shares")
+    nt.add_argument("--order", type=_positive_int, default=5, help="n (default: 5)")
+    nt.add_argument("--out", metavar="FILE", help="model file (default: knN.npz in the checkpoint's run directory, "
+                                                  "or in checkpoints/CORPUS)")
+    nt.add_argument("--json", action="store_true")
+    add_flags(nt, TokenizerConfig, "tokenizer")
+    nt.set_defaults(func=cmd_ngram_train)
+    nv = ngs.add_parser("eval", help="perplexity on a split, or autocomplete metrics on a text file")
+    nv.add_argument("model", help="a model file from lm ngram train")
+    nv.add_argument("--split", choices=("train", "valid", "test"), default="valid")
+    nv.add_argument("--json", action="store_true")
+    _autocomplete_flags(nv)
+    nv.set_defaults(func=cmd_ngram_eval)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint")
-    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@@ for a literal @)")
     g.add_argument("--max-words", type=int, default=50)
     add_flags(g, SampleConfig, "sample")
     g.set_defaults(func=cmd_generate)
@@ -259,15 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint")
     c.add_argument("text", help='text typed so far, e.g. "the president of the" or "the pres"')
     c.add_argument("--k", type=int, default=5)
-    c.add_argument("--threads", type=_nonneg_int, default=1)
     c.add_argument("--json", action="store_true", help="a JSON list of {word, prob}")
+    _predictor_flags(c, learn=False)
     c.set_defaults(func=cmd_complete)
 
     r = sub.add_parser("repl", help="interactive autocomplete")
     r.add_argument("checkpoint")
     r.add_argument("--k", type=int, default=5)
-    r.add_argument("--threads", type=_nonneg_int, default=1)
+    r.add_argument("--plain", action="store_true", help="line mode even on a terminal (as when input is piped)")
+    _predictor_flags(r)
     r.set_defaults(func=cmd_repl)
+
+    sv = sub.add_parser("serve", help="HTTP JSON API: next words, completions, phrases, generation")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="TCP port; 0 = any free one (default: 8080)")
+    _predictor_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     co = sub.add_parser("corpus", help="list registered corpora, or count a corpus's tokens")
     co.add_argument("action", choices=("list", "info", "prepare"))
@@ -288,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")
-    b.add_argument("--only", nargs="+", choices=("train", "cache"), help="run only these benchmarks")
+    b.add_argument("--only", nargs="+", choices=("train", "profile", "inference", "cache"),
+                   help="run only these benchmarks")
+    b.add_argument("--checkpoint", default="checkpoints/wikitext-2/best.pt",
+                   help="trained model for the inference rows (default: the make-train model; an untrained "
+                        "default model is timed when it is missing)")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     b.set_defaults(func=cmd_bench)
     return p

@@ -1,13 +1,18 @@
-"""Pure scoring: the exact perplexity of a model over a token stream."""
+"""Pure scoring: the exact perplexity of a model over a token stream, its OOV rate, and
+the per-token dump. (Evaluation-time methods that change the prediction live in
+``lm.cache`` and ``lm.dynamic``.)"""
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from lm.batching import eval_lanes
+from lm.errors import LMError
 from lm.model import LSTMLM
 
 
@@ -25,26 +30,60 @@ def perplexity(total_nll: float, tokens: int) -> float:
 
 @torch.inference_mode()
 def evaluate(model: LSTMLM, stream: torch.Tensor, *, bos_id: int, batch_size: int = 10,
-             bptt: int = 256, progress: bool = False, desc: str = "eval") -> dict:
+             bptt: int = 256, progress: bool = False, desc: str = "eval", unk_id: int | None = None,
+             keep_tokens: bool = False) -> dict:
     """Score every token of ``stream`` once (the first from a ``bos_id`` context).
 
     Returns loss (nats per token), ppl, bits per token, tokens and tokens/s. Batch size
     1 is the reference setting; B lanes start B - 1 extra times from an empty state,
     which costs a tiny amount of context (see the README for the measured difference).
+    With ``unk_id``, also ``oov_rate``: the fraction of targets that are <unk> (their
+    probability is the whole unknown class's, which flatters perplexity when high).
+    With ``keep_tokens``, also ``token_log_probs`` (N,): each target's log-probability.
     """
     model.eval()
     batch_size = max(1, min(batch_size, stream.numel()))
     x, y, mask = eval_lanes(stream, batch_size, bos_id)  # each (B, L)
-    total = torch.zeros((), dtype=torch.float64)
+    log_probs = torch.zeros(x.shape, device=x.device)  # (B, L); the lanes are contiguous slices, so row-major = stream order
     hidden = None
     start = time.perf_counter()
     steps = range(0, x.size(1), bptt)
     for i in tqdm(steps, desc=desc, unit="win", disable=None if progress else True, leave=False):
         features, hidden = model(x[:, i : i + bptt], hidden)  # (B, T, D)
-        nll = model.nll(features, y[:, i : i + bptt])  # (B, T)
-        total += nll.masked_fill(~mask[:, i : i + bptt], 0.0).sum(dtype=torch.float64)
+        log_probs[:, i : i + bptt] = -model.nll(features, y[:, i : i + bptt])  # (B, T)
     seconds = time.perf_counter() - start
     n = stream.numel()
-    loss = total.item() / n
-    return {"loss": loss, "ppl": perplexity(total.item(), n), "bits_per_token": loss / math.log(2),
-            "tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}
+    total = -log_probs.masked_fill(~mask, 0.0).sum(dtype=torch.float64).item()
+    loss = total / n
+    out = {"loss": loss, "ppl": perplexity(total, n), "bits_per_token": loss / math.log(2),
+           "tokens": n, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9)}
+    if unk_id is not None:
+        out["oov_rate"] = (stream == unk_id).sum().item() / n
+    if keep_tokens:
+        out["token_log_probs"] = log_probs.reshape(-1)[:n].cpu()
+    return out
+
+
+def write_token_dump(path: str | Path, stream: torch.Tensor, tokens: list[str], columns: dict[str, torch.Tensor]) -> Path:
+    """Write one record per target token: its position in the split's stream (0-based),
+    the token, and one natural-log probability per entry of ``columns`` (name -> (N,)).
+
+    A path ending in ``.jsonl`` gets JSON lines ({"position": 0, "token": "the",
+    "logprob": -3.2, ...}); any other gets tab-separated values with a header row
+    (``position  token  logprob ...``). ``tokens[i]`` is the display string of id i."""
+    path = Path(path)
+    names = list(columns)
+    values = torch.stack([columns[k].double() for k in names], dim=1).tolist()  # (N, C)
+    ids = stream.tolist()
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                for pos, (i, row) in enumerate(zip(ids, values)):
+                    f.write(json.dumps({"position": pos, "token": tokens[i], **dict(zip(names, row))}) + "\n")
+            else:
+                f.write("\t".join(["position", "token", *names]) + "\n")
+                for pos, (i, row) in enumerate(zip(ids, values)):
+                    f.write(f"{pos}\t{tokens[i]}\t" + "\t".join(f"{v:.6f}" for v in row) + "\n")
+    except OSError as e:
+        raise LMError(f"cannot write --dump-tokens file {path}: {e.strerror or e}; choose another path") from None
+    return path

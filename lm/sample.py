@@ -8,6 +8,8 @@ import torch
 from lm.model import LSTMLM
 from lm.tokenizer import Tokenizer
 
+PROMPT_CHUNK = 4096  # prompt tokens per model call
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> int:
@@ -34,19 +36,37 @@ def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperatu
              banned: Sequence[int] = ()) -> Iterator[int]:
     """Yield ``max_tokens`` sampled token ids continuing ``prompt`` (which must hold at
     least one id; pass <eos> to start from scratch). ``banned`` ids are never drawn."""
+    if not prompt:
+        raise ValueError("generate needs a prompt of at least one id (<eos> to start from scratch)")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    x = torch.tensor([list(prompt)], device=device)  # (1, T)
+    prompt = list(prompt)
     hidden = None
-    for _ in range(max_tokens):
-        features, hidden = model(x, hidden)
-        logits = model.log_probs(features[0, -1]).cpu()  # (V,): log-probs are valid logits
+    for i in range(0, len(prompt), PROMPT_CHUNK):  # a long prompt in pieces: activations stay small
+        features, hidden = model(torch.tensor([prompt[i:i + PROMPT_CHUNK]], device=device), hidden)  # (1, T, D)
+    for n in range(max_tokens):
+        if n:
+            features, hidden = model(torch.tensor([[token]], device=device), hidden)
+        logits = model.log_probs(features[0, -1]).float().cpu()  # (V,): log-probs are valid logits
         if banned:
             logits[list(banned)] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)
         yield token
-        x = torch.tensor([[token]], device=device)
+
+
+def continue_text(model: LSTMLM, tokenizer: Tokenizer, text: str, max_words: int, *, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, newlines: bool = True) -> Iterator[str]:
+    """Continue natural ``text`` (which may be empty): yields, for each sampled word, the
+    display text it adds (" word", ",", "\n"). <unk> is never drawn, nor <eos> (a new
+    line) unless ``newlines``."""
+    prompt = [tokenizer.eos_id] + tokenizer.encode_typed(text)
+    last_line = prompt[len(prompt) - prompt[::-1].index(tokenizer.eos_id):]
+    stream = TextStream(tokenizer, last_line)
+    banned = [tokenizer.unk_id] + ([] if newlines else [tokenizer.eos_id])
+    for token in generate(model, prompt, max_words, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          banned=banned):
+        yield stream.add(token)
 
 
 class TextStream:

@@ -1,5 +1,7 @@
+import json
 import math
 
+import pytest
 import torch
 
 from lm.config import ModelConfig
@@ -40,3 +42,69 @@ def test_word_level_perplexity_rescales_the_same_likelihood():
 
     r = add_word_level({"loss": 2.0, "tokens": 150}, words=100)
     assert math.isclose(r["word_ppl"], math.exp(2.0 * 150 / 100)) and r["tokens_per_word"] == 1.5
+
+
+def test_oov_rate_counts_unknown_targets():
+    m = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=8), V)
+    stream = torch.tensor([0, 5, 6, 0, 7, 8, 9, 0, 3, 4])  # three <unk> (id 0) among 10 targets
+    assert evaluate(m, stream, bos_id=1, batch_size=3, unk_id=0)["oov_rate"] == 0.3
+    assert "oov_rate" not in evaluate(m, stream, bos_id=1)
+
+
+def test_token_log_probs_are_in_stream_order_for_any_batch_size():
+    m = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=12, cutoffs=[5, 20]), V).eval()
+    stream = torch.randint(0, V, (103,))
+    one = evaluate(m, stream, bos_id=1, batch_size=1, bptt=9, keep_tokens=True)
+    lp = one["token_log_probs"]
+    assert lp.shape == (103,) and math.isclose(-lp.double().sum().item() / 103, one["loss"], rel_tol=1e-9)
+    # 4 lanes of 26: the second predicts token 26 from token 25 alone (an empty state)
+    four = evaluate(m, stream, bos_id=1, batch_size=4, bptt=9, keep_tokens=True)["token_log_probs"]
+    with torch.no_grad():
+        f, _ = m(stream[25].view(1, 1))
+        assert math.isclose(four[26].item(), m.log_probs(f)[0, 0, stream[26]].item(), rel_tol=1e-5)
+    assert torch.allclose(four[:26], lp[:26], atol=1e-6) and not math.isclose(four[26], lp[26], rel_tol=1e-4)
+
+
+def test_token_dump_as_tsv_and_json_lines(tmp_path):
+    from lm.evaluate import write_token_dump
+
+    stream = torch.tensor([2, 0, 1])
+    words = ["<unk>", "<eos>", "the"]
+    cols = {"logprob": torch.tensor([-1.5, -2.25, -0.125]), "logprob_cache": torch.tensor([-1.0, -2.0, -0.5])}
+    tsv = write_token_dump(tmp_path / "t.tsv", stream, words, cols).read_text().splitlines()
+    assert tsv == ["position\ttoken\tlogprob\tlogprob_cache", "0\tthe\t-1.500000\t-1.000000",
+                   "1\t<unk>\t-2.250000\t-2.000000", "2\t<eos>\t-0.125000\t-0.500000"]
+    rows = [json.loads(line) for line in write_token_dump(tmp_path / "t.jsonl", stream, words, cols).open()]
+    assert rows[1] == {"position": 1, "token": "<unk>", "logprob": -2.25, "logprob_cache": -2.0}
+
+
+def test_cli_eval_with_cache_dynamic_and_dump(tiny_run, tiny_corpus, tmp_path, capsys):
+    from lm.cli import main
+
+    dump = tmp_path / "tokens.tsv"
+    assert main(["eval", str(tiny_run), "--split", "test", "--batch-size", "1", "--tune-cache",
+                 "--cache-window", "50", "--dynamic", "sgd", "--dynamic-lr", "0.1", "--dump-tokens", str(dump)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("tiny test: ppl ") and " oov 0.00% " in lines[0]
+    assert [line.split(" ")[0] for line in lines[1:]] == ["cache", "+", "+", "per-token"]
+    rows = [line.split("\t") for line in dump.read_text().splitlines()]
+    assert rows[0] == ["position", "token", "logprob", "logprob_cache", "logprob_dynamic"]
+    words = " ".join(tiny_corpus.joinpath("test.txt").read_text().split("\n")).split(" ")
+    assert len(rows) - 1 == sum(len(line.split()) + 1 for line in tiny_corpus.joinpath("test.txt").read_text().splitlines())
+    assert rows[1][1] == words[0] and all(float(v) <= 0 for row in rows[1:] for v in row[2:])
+
+    assert main(["eval", str(tiny_run), "--split", "test", "--cache", "--cache-lambda", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["cache"]["lambda"] == 0 and r["cache"]["ppl"] == r["cache"]["plain_ppl"]
+    assert r["oov_rate"] == 0.0
+
+
+@pytest.mark.parametrize("flags,match", [(["--cache", "--cache-lambda", "2"], "--cache-lambda"),
+                                         (["--dynamic", "sgd", "--dynamic-lr", "-1"], "--dynamic-lr"),
+                                         (["--dump-tokens", "/no/such/dir/t.tsv"], "--dump-tokens")])
+def test_cli_eval_bad_method_settings_are_usage_errors(tiny_run, flags, match, capsys):
+    from lm.cli import main
+
+    assert main(["eval", str(tiny_run), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]

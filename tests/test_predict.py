@@ -1,58 +1,265 @@
+"""The autocomplete engine: incremental state, completions, casing, phrases, memory."""
+import itertools
+
+import pytest
 import torch
 
 from lm import checkpoint
-from lm.predict import Predictor
+from lm.cache import NeuralCache
+from lm.predict import RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
+from lm.tokenizer import Tokenizer
 
 
-def load(run):
-    _, model, tok, _ = checkpoint.load_model(run / "best.pt")
-    return Predictor(model, tok), tok
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    return model, tok
 
 
-def test_incremental_state_equals_recomputing_from_scratch(tiny_run):
-    p, tok = load(tiny_run)
-    p.feed_words("the cat sat".split())
-    p.feed_words("on the".split())
-    incremental = p._log_probs.clone()
-    p.reset()
-    p.feed_words("the cat sat on the".split())
-    torch.testing.assert_close(incremental, p._log_probs)
+def memory(lam=0.3, window=50, theta=0.5):
+    return NeuralCache(window, theta, lam, 16)  # 16: the tiny model's feature size
 
 
-def test_completions_respect_the_prefix_and_rank_by_probability(tiny_run):
-    p, tok = load(tiny_run)
+def same_state(a: Predictor, b: Predictor) -> None:
+    """Everything the next prediction depends on agrees."""
+    assert a.words == b.words and a.partial == b.partial
+    n = len(a.words)
+    for (h1, c1), (h2, c2) in zip(a._state(n), b._state(n)):
+        torch.testing.assert_close(h1, h2)
+        torch.testing.assert_close(c1, c2)
+    torch.testing.assert_close(a.log_probs(), b.log_probs())
+    if a.memory is not None:
+        torch.testing.assert_close(a.memory.keys, b.memory.keys)
+        assert torch.equal(a.memory.values, b.memory.values)
+
+
+def test_incremental_state_equals_recomputing_from_scratch(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok, memory=memory())
+    p.learn("the dog ran to the river .")
+    fresh = p.fork()  # same learned memory, empty text
+    texts = []
+    typed = ""
+    for ch in "the cat sat on the mat. the dog":  # keystrokes
+        typed += ch
+        texts.append(typed)
+    texts += [typed[:-i] for i in range(1, 8)]  # backspaces, across word boundaries
+    texts += ["the cat sat on the mat. the bird ran to", "the old man sat on the mat. the bird",  # edits
+              "", "a tree"]
+    for text in texts:
+        p.update(text)
+        scratch = fresh.fork()
+        scratch.update(text)
+        same_state(p, scratch)
+
+
+def test_edits_far_back_replay_from_a_kept_state(tiny):
+    model, tok = tiny
+    words = ("the cat sat on the mat . " * 30).split()  # 210 words: beyond TAIL and several STRIDEs
+    p = Predictor(model, tok, memory=memory(window=500))
+    for n in range(1, len(words) + 1, 7):  # paste-sized steps
+        p.update(" ".join(words[:n]) + " ")
+    assert len(p._states) <= TAIL + len(words) // STRIDE + 2  # sparse: bounded memory
+    for cut in (150, 70, 3):  # each before the last TAIL positions
+        text = " ".join(words[:cut]) + " dog"
+        p.update(text)
+        scratch = p.fork()
+        scratch.update(text)
+        same_state(p, scratch)
+
+
+class Counter:
+    def __init__(self, model):
+        self.steps = self.heads = 0
+        model.register_forward_hook(lambda *a: setattr(self, "steps", self.steps + 1))
+        head = model.log_probs
+        model.log_probs = lambda f: (setattr(self, "heads", self.heads + 1), head(f))[1]
+
+
+def test_a_keystroke_inside_a_word_costs_no_model_work(tiny_run):
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")  # its own copy: hooks added
+    p = Predictor(model, tok, memory=memory())
+    count = Counter(model)
+    typed = ""
+    for ch in "the president walked past the presentation":
+        typed += ch
+        steps, heads = count.steps, count.heads
+        p.update(typed)
+        p.suggest(3)
+        new_steps, new_heads = count.steps - steps, count.heads - heads
+        if ch == " ":  # a word was finished: one model step, one head
+            assert (new_steps, new_heads) == (1, 1), typed
+        elif len(typed) > 1:  # a letter (the first keystroke computes the start's distribution)
+            assert (new_steps, new_heads) == (0, 0), typed
+    steps, heads = count.steps, count.heads
+    for text in ("the president walked past the ", "the president walked past the", "the president walked past"):
+        p.update(text)  # backspacing over words: states and distributions are kept
+        p.suggest(3)
+    assert (count.steps, count.heads) == (steps, heads)
+
+
+def test_completions_respect_the_prefix_and_rank_by_model_probability(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
     s = p.complete_text("the pres", k=5)
     assert s.kind == "complete" and s.prefix == "pres"
-    words = [w for w, _ in s.items]
-    assert set(words) == {"president", "presentation"}
-    probs = [pr for _, pr in s.items]
-    assert probs == sorted(probs, reverse=True)
-    # the ranking is the model's next-word probability of each candidate
-    full = p._log_probs.exp()
-    assert all(abs(full[tok.word_to_id[w]].item() - pr) < 1e-6 for w, pr in s.items)
+    assert {c.text for c in s.items} == {"president", "presentation"}
+    with torch.inference_mode():  # the oracle: the model itself after "<eos> the"
+        features, _ = model(torch.tensor([[tok.eos_id, tok.word_to_id["the"]]]))
+        lp = model.log_probs(features[0, -1])
+    expected = sorted(((lp[tok.word_to_id[c.text]].exp().item(), c.text) for c in s.items), reverse=True)
+    assert [c.text for c in s.items] == [w for _, w in expected]
+    assert [c.prob for c in s.items] == pytest.approx([q for q, _ in expected], rel=1e-5)
+    every = p.completions("", 100)  # the empty prefix ranks the whole vocabulary
+    assert [c.prob for c in every] == sorted((c.prob for c in every), reverse=True)
 
 
-def test_next_words_never_suggest_specials_and_sum_below_one(tiny_run):
-    p, tok = load(tiny_run)
-    s = p.complete_text("the cat sat on", k=50)
-    assert s.kind == "next"
-    words = [w for w, _ in s.items]
-    assert "<unk>" not in words and "<eos>" not in words
-    assert sum(pr for _, pr in s.items) <= 1.0 + 1e-6
-    assert words[0] in ("the", "a")  # the tiny grammar puts an article after "on"
+def test_never_suggests_specials_nor_blocked_words(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok, block=["Mat", "dog"])
+    p.update("the cat sat on the ")
+    shown = {c.text for c in p.next_words(100)} | {c.text for c in p.completions("", 100)}
+    assert shown and not shown & {"<unk>", "<eos>", "mat", "dog"}
+    assert p.completions("ma", 5) and all(c.text != "mat" for c in p.completions("ma", 5))
+    assert all(not {"mat", "dog", "<eos>", "<unk>"} & set(c.tokens) for c in p.phrases(5, 3))
+    assert sum(c.prob for c in p.next_words(100)) <= 1 + 1e-6
 
 
-def test_partial_word_rule(tiny_run):
-    p, _ = load(tiny_run)
-    assert p.split_partial("the president of the") == (["the", "president", "of", "the"], "")
-    assert p.split_partial("the pres") == (["the"], "pres")
-    assert p.split_partial("the pres ") == (["the", "pres"], "")
-    assert p.split_partial("") == ([], "")
+CASED = ["President president PRESIDENT Press press Presley McDonald the ."] * 3
 
 
-def test_typed_text_is_split_like_the_training_text(tiny_run):
-    p, tok = load(tiny_run)
-    # punctuation attached to a word is split off, as the WikiText convention does
+def test_completions_follow_the_typed_casing():
+    tok = Tokenizer.train(CASED)
+    index = WordIndex(tok)
+    probs = dict(President=0.20, president=0.10, PRESIDENT=0.05, Press=0.01, press=0.30, Presley=0.02,
+                 McDonald=0.04, the=0.25, **{".": 0.03})
+    lp = torch.full((tok.vocab_size,), -50.0)
+    for w, q in probs.items():
+        lp[tok.word_to_id[w]] = torch.tensor(q).log()
+
+    def shown(prefix):
+        return [(c.text, round(c.prob, 4)) for c in index.completions(lp, prefix, 10)]
+
+    assert [case_mode(x) for x in ("pres", "Pres", "PRES", "McD", "P")] == ["lower", "capital", "upper", "exact", "capital"]
+    assert shown("pres") == [("president", 0.35), ("press", 0.31), ("Presley", 0.02)]  # proper noun keeps capital
+    assert shown("Pres") == [("Press", 0.31), ("President", 0.30), ("PRESIDENT", 0.05), ("Presley", 0.02)]
+    assert shown("PRES") == [("PRESIDENT", 0.35), ("PRESS", 0.31), ("PRESLEY", 0.02)]
+    assert shown("McD") == [("McDonald", 0.04)] and shown("mcd") == [("McDonald", 0.04)]
+    assert shown("MCd") == [] and shown("x") == []
+
+
+def test_phrases_are_the_most_likely_word_pairs(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    p.update("the cat ")
+    n_words = int(p.index.suggestable.sum())
+    got = p.phrases(n_words, 2)  # a beam as wide as the vocabulary is exhaustive for two words
+    oracle = []
+    first = p.log_probs()
+    for i in p.index.suggestable_ids.tolist():
+        q = p.fork()
+        q.update("the cat " + tok.words[i] + " ")
+        second = q.log_probs()
+        oracle += [((first[i] + second[j]).exp().item(), (tok.words[i], tok.words[j]))
+                   for j in p.index.suggestable_ids.tolist()]
+    oracle.sort(reverse=True)
+    assert [c.tokens for c in got[:10]] == [t for _, t in oracle[:10]]
+    assert [c.prob for c in got[:10]] == pytest.approx([q for q, _ in oracle[:10]], rel=1e-4)
+    p.update("the cat sat on the m")  # inside a word, the phrase starts by completing it
+    assert all(c.tokens[0].startswith("m") and len(c.tokens) == 3 for c in p.phrases(3, 3))
+
+
+def test_accepting_a_suggestion_types_it_naturally(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    p.update("the cat sat on the m")
+    mat = next(c for c in p.suggest(5).items if c.text == "mat")
+    assert p.accept("the cat sat on the m", mat) == "the cat sat on the mat "
+    p.update("the cat sat on the mat ")
+    stop = next(c for c in p.next_words(20) if c.text == ".")
+    assert p.accept("the cat sat on the mat ", stop) == "the cat sat on the mat. "  # glued to the word
+    p.update("")
+    the = next(c for c in p.next_words(20) if c.text == "the")
+    assert p.accept("", the) == "the "
+
+
+def test_split_rules_keyboard_and_one_shot(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    # keyboard: no trailing space means the word is still being typed, even a whole one
+    assert p.split_partial("the president of the") == (["the", "president", "of"], "the")
     assert p.split_partial("the cat sat.") == (["the", "cat", "sat", "."], "")
     assert p.split_partial("the cat sat. The pr") == (["the", "cat", "sat", ".", "The"], "pr")
+    assert p.split_partial("the pres ") == (["the", "pres"], "")
+    assert p.split_partial("") == ([], "") and p.split_partial("\x00\x1b ") == ([], "")
+    # one-shot (lm complete): a final vocabulary word is finished
+    assert p.split_partial("the president of the", complete_known=True) == (["the", "president", "of", "the"], "")
+    assert p.split_partial("the pres", complete_known=True) == (["the"], "pres")
     assert p.complete_text("the cat sat.", 3).items == p.complete_text("the cat sat .", 3).items
+
+
+def test_session_memory_learns_and_lambda_zero_is_the_plain_model(tiny):
+    model, tok = tiny
+    plain, off = Predictor(model, tok), Predictor(model, tok, memory=memory(lam=0.0))
+    for q in (plain, off):
+        q.update("the old man walked past the ")
+    torch.testing.assert_close(plain.log_probs(), off.log_probs())
+    on = Predictor(model, tok, memory=memory(lam=0.9, window=1000, theta=10.0))
+    on.update("the old man walked past the ")
+    before = on.log_probs()[tok.word_to_id["presentation"]]
+    assert on.learn("the old man walked past the presentation .\n" * 100) == 901  # 8 words and <eos> a line
+    on.update("the old man walked past the ")
+    after = on.log_probs()[tok.word_to_id["presentation"]]
+    assert after > before + 1.0  # the learned continuation became much more likely
+    on.reset()  # a new text: the memory stays, and keeps the old text too
+    assert len(on.memory) == 901 + 6
+    small = Predictor(model, tok, memory=memory(lam=0.9, theta=10.0))
+    small.update("the old man walked past the ")  # 6 words remembered: little weight yet
+    moved = (small.log_probs().exp() - plain.log_probs().exp()).abs().max()
+    assert 0 < moved <= 0.9 * 6 / (6 + RAMP) + 1e-6  # |p_mixed - p_model| <= the memory's weight
+    with pytest.raises(Exception, match="session learning is off"):
+        plain.learn("text")
+
+
+def test_forks_do_not_share_text(tiny):
+    model, tok = tiny
+    a = Predictor(model, tok, memory=memory())
+    b = a.fork()
+    a.update("the cat sat on ")
+    b.update("a bird looked at the ")
+    c = b.fork()
+    c.update("a bird looked at the ")
+    assert a.words != b.words
+    same_state(b, c)
+
+
+def test_read_user_text(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_bytes(b"first line\n" + b"x" * 50 + b"\nlast words \xff\n")
+    assert read_user_text(f).endswith("last words \ufffd\n")
+    assert read_user_text(f, max_bytes=20) == "last words \ufffd\n"  # the tail, from a line start
+    (tmp_path / "bin").write_bytes(b"a\x00b")
+    for bad, msg in ((tmp_path / "bin", "binary"), (tmp_path / "none.txt", "not found"), (tmp_path, "directory")):
+        with pytest.raises(Exception, match=msg):
+            read_user_text(bad)
+
+
+def test_keystroke_latency_reports_both_kinds(tiny):
+    model, tok = tiny
+    r = keystroke_latency(Predictor(model, tok), "the cat sat on the mat .\nthe dog ran", max_chars=30)
+    assert r["chars"] == 30
+    assert r["inside_word"]["keystrokes"] + r["boundary"]["keystrokes"] == 30
+    assert r["boundary"]["keystrokes"] >= 7  # each space, the period and the newline
+    assert 0 < r["inside_word"]["p50_ms"] <= r["inside_word"]["p99_ms"]
+
+
+def test_words_and_partial_follow_every_prefix(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    text = "the dog ran to the city."
+    for i, j in itertools.combinations(range(len(text) + 1), 2):
+        if j - i > 3:
+            continue
+        p.update(text[:j])
+        p.update(text[:i])
+        assert (p.words, p.partial) == p.split_partial(text[:i])

@@ -37,3 +37,39 @@ def test_text_stream_pieces_add_up_to_the_rendered_text():
     ids = tok.encode_typed('He said "a well-known, long road" (3.5 km).\nHe said')
     stream = TextStream(tok, [])
     assert "".join(stream.add(i) for i in ids) == 'He said "a well-known, long road" (3.5 km).\nHe said'
+
+
+def test_a_long_prompt_read_in_pieces_gives_the_same_text(tiny_run, monkeypatch):
+    from lm import sample
+
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    prompt = [tok.eos_id] + tok.encode_line("the cat sat on the mat . the old man looked at a tree . my")
+    whole = list(generate(model, prompt, 30, seed=2))
+    monkeypatch.setattr(sample, "PROMPT_CHUNK", 3)
+    assert list(generate(model, prompt, 30, seed=2)) == whole
+
+
+def test_continue_text_streams_display_pieces(tiny_run):
+    from lm.sample import continue_text
+
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    one_line = "".join(continue_text(model, tok, "the dog", 200, temperature=2.0, seed=1, newlines=False))
+    assert "\n" not in one_line and len(one_line.split()) > 100
+    lines = "".join(continue_text(model, tok, "the dog", 200, temperature=2.0, seed=1))
+    assert "\n" in lines  # <eos> is a line break
+    assert "".join(continue_text(model, tok, "", 5, temperature=0)).strip()  # from nothing
+
+
+def test_generate_prompt_from_a_file(tiny_run, tmp_path, capsys):
+    from lm.cli import main
+
+    (tmp_path / "prompt.txt").write_text("the old man looked at")
+    args = ["generate", str(tiny_run / "best.pt"), "--max-words", "5", "--seed", "3"]
+    assert main(args + ["--prompt", f"@{tmp_path / 'prompt.txt'}"]) == 0
+    from_file = capsys.readouterr().out
+    assert main(args + ["--prompt", "the old man looked at"]) == 0
+    assert capsys.readouterr().out == from_file and from_file.startswith("the old man looked at ")
+    assert main(args + ["--prompt", "@@the"]) == 0  # @@: a literal @
+    assert capsys.readouterr().out.startswith("@the")
+    assert main(args + ["--prompt", f"@{tmp_path / 'none.txt'}"]) == 1
+    assert "not found" in capsys.readouterr().err

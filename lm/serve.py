@@ -1,0 +1,285 @@
+"""``lm serve``: the autocomplete engine as a small HTTP JSON API, for editors and web pages.
+
+    lm serve checkpoints/wikitext-2/best.pt            # http://127.0.0.1:8080
+    curl -s localhost:8080/complete -d '{"text": "The film was rel", "k": 3}'
+    # {"kind": "complete", "prefix": "rel", "suggestions": [{"word": "released", "prob": 0.41}, ...]}
+
+Every request is one JSON object in a POST body (``GET /health`` aside); every answer is
+a JSON object. ``text`` is natural text as typed, up to the cursor.
+
+==================  ==================================  ===========================================
+endpoint            request fields (default)            answer
+==================  ==================================  ===========================================
+``GET /health``                                         ``{"status": "ok", "vocab": V, "memory": bool}``
+``POST /complete``  ``text``, ``k`` (5)                 ``{"kind": "next" | "complete", "prefix": str,
+                                                        "suggestions": [{"word": str, "prob": float}]}``
+                                                        what a keyboard shows: completions of the word
+                                                        being typed (text not ending in a space), else
+                                                        the next words
+``POST /next``      ``text``, ``k`` (5)                 ``{"suggestions": [...]}``: next words, every
+                                                        word of the text taken as finished
+``POST /phrases``   ``text``, ``k`` (3), ``words`` (3)  ``{"phrases": [{"text": str, "prob": float}]}``:
+                                                        likely continuations of that many words
+``POST /generate``  ``text`` (""), ``max_words`` (50),  ``{"text": str, "words": int}``: a sampled
+                    ``temperature`` (1.0), ``top_k``    continuation (only the new text); the same
+                    (0), ``top_p`` (1.0), ``seed`` (0)  seed gives the same text
+==================  ==================================  ===========================================
+
+Probabilities are the model's (with the session memory mixed in, see ``lm.predict``);
+words come in natural text with the typed casing. Limits: a body of at most 256 KiB,
+``text`` at most 20,000 characters, ``k`` 1-100, ``words`` 1-8, ``max_words`` 1-1000,
+``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` above 0 and at most 1, ``seed``
+0 to 2**63 - 1. Anything else, an unknown field, a wrong type (``true`` is not a number)
+or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
+path ``404``, a wrong method ``405``, a body too large ``413``, no Content-Length ``411``.
+
+Concurrency: each request gets its own predictor (``Predictor.fork``: no model work,
+no copy of the weights) over the shared model, which is only read. So requests never
+see each other's text and run in parallel on the server's threads (torch releases the
+interpreter lock inside its kernels), where one predictor behind a lock would serve one
+request at a time and would have to re-sync its state to every client's text anyway.
+The session memory of a request holds the words learned at start-up (``--learn``)
+and its own text.
+
+The server listens on the loopback interface unless ``--host`` says otherwise; it has no
+authentication, so expose it only where anyone who can reach it may use it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from lm.errors import LMError
+from lm.predict import Predictor
+from lm.sample import continue_text
+
+MAX_BODY = 256 << 10  # bytes of a request body
+MAX_TEXT = 20_000  # characters of ``text``
+MAX_K = 100
+MAX_PHRASE_WORDS = 8
+MAX_GENERATE = 1000  # words per /generate
+_INT, _FLOAT, _STR = "an integer", "a number", "a string"
+# endpoint -> {field: (kind, default, lowest, highest)}; a default of None means required
+FIELDS: dict[str, dict[str, tuple]] = {
+    "/complete": {"text": (_STR, None, 0, MAX_TEXT), "k": (_INT, 5, 1, MAX_K)},
+    "/next": {"text": (_STR, None, 0, MAX_TEXT), "k": (_INT, 5, 1, MAX_K)},
+    "/phrases": {"text": (_STR, None, 0, MAX_TEXT), "k": (_INT, 3, 1, MAX_K),
+                 "words": (_INT, 3, 1, MAX_PHRASE_WORDS)},
+    "/generate": {"text": (_STR, "", 0, MAX_TEXT), "max_words": (_INT, 50, 1, MAX_GENERATE),
+                  "temperature": (_FLOAT, 1.0, 0.0, 100.0), "top_k": (_INT, 0, 0, 1 << 31),
+                  "top_p": (_FLOAT, 1.0, 0.0, 1.0), "seed": (_INT, 0, 0, (1 << 63) - 1)},
+}
+
+
+class RequestError(Exception):
+    """A request the client must fix: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def validate(path: str, body: object) -> dict:
+    """The request's fields, checked and with defaults filled in, or a RequestError."""
+    if not isinstance(body, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    spec = FIELDS[path]
+    unknown = sorted(set(body) - set(spec))
+    if unknown:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} for {path}; "
+                                                   f"expected {', '.join(spec)}")
+    out = {}
+    for name, (kind, default, lo, hi) in spec.items():
+        if name not in body:
+            if default is None:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"{path} needs the field {name!r} ({kind})")
+            out[name] = default
+            continue
+        v = body[name]
+        ok = {_STR: isinstance(v, str),
+              _INT: isinstance(v, int) and not isinstance(v, bool),
+              _FLOAT: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}[kind]
+        if not ok:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be {kind}, got {json.dumps(v)[:40]}")
+        if kind == _STR and len(v) > hi:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} is {len(v):,} characters long; at most {hi:,}")
+        if kind != _STR and not lo <= v <= hi:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be between {lo} and {hi}, got {v}")
+        out[name] = v
+    if path == "/generate" and out["top_p"] <= 0:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "top_p must be above 0")
+    return out
+
+
+def answer(proto: Predictor, path: str, req: dict) -> dict:
+    """The JSON answer to a validated request, on a predictor of its own."""
+    if path == "/generate":
+        text = "".join(continue_text(proto.model, proto.tok, req["text"], req["max_words"],
+                                     temperature=float(req["temperature"]), top_k=req["top_k"],
+                                     top_p=float(req["top_p"]), seed=req["seed"]))
+        return {"text": text, "words": req["max_words"]}
+    pred = proto.fork()
+    if path == "/next":
+        pred.feed_words(pred.tok.typed_words(req["text"]))
+        return {"suggestions": [{"word": c.text, "prob": c.prob} for c in pred.next_words(req["k"])]}
+    pred.update(req["text"])
+    if path == "/phrases":
+        return {"phrases": [{"text": c.text, "prob": c.prob} for c in pred.phrases(req["k"], req["words"])]}
+    s = pred.suggest(req["k"])
+    return {"kind": s.kind, "prefix": s.prefix, "suggestions": s.to_json()}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: an editor sends a request per keystroke
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle held the body ~40 ms
+    timeout = 30  # seconds a client may take to send its request
+    server: "Server"
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._send(HTTPStatus.OK, {"status": "ok", "vocab": self.server.proto.tok.vocab_size,
+                                       "memory": self.server.proto.memory is not None})
+        elif self.path in FIELDS:
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.path} takes POST with a JSON body"},
+                       allow="POST")
+        else:
+            self._not_found()
+
+    def do_POST(self) -> None:
+        if self.path not in FIELDS:
+            self._discard_body()
+            if self.path == "/health":
+                self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "/health takes GET"}, allow="GET")
+            else:
+                self._not_found()
+            return
+        try:
+            req = validate(self.path, self._json_body())
+            self._send(HTTPStatus.OK, answer(self.server.proto, self.path, req))
+        except RequestError as e:
+            self._send(e.status, {"error": str(e)})
+        except LMError as e:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except Exception as e:  # a bug: answer, log one line, keep serving
+            print(f"lm serve: error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    def _json_body(self) -> object:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length header")
+        try:
+            n = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
+        if not 0 <= n <= MAX_BODY:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {n:,} bytes; at most {MAX_BODY:,}")
+        raw = self.rfile.read(n)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e.msg} at "
+                                                       f"line {e.lineno} column {e.colno}") from None
+
+    def _discard_body(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) <= MAX_BODY:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+    def _not_found(self) -> None:
+        self._send(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path[:100]}; there are GET /health, "
+                                                  f"POST {', POST '.join(FIELDS)}"})
+
+    def _send(self, status: HTTPStatus, obj: dict, allow: str | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if allow:
+            self.send_header("Allow", allow)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
+        pass  # one line per keystroke would drown the terminal; errors are printed above
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # Ctrl-C does not wait for open keep-alive connections
+
+    def __init__(self, proto: Predictor, host: str = "127.0.0.1", port: int = 8080):
+        self.proto = proto
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:
+            raise LMError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def serve(proto: Predictor, host: str = "127.0.0.1", port: int = 8080, log=print) -> int:
+    """Serve until Ctrl-C."""
+    server = Server(proto, host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: listening on {host}, not only this machine; the API has no authentication")
+    log(f"serving {server.url} (GET /health, POST {', '.join(FIELDS)}); Ctrl-C to stop")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def requests_per_second(proto: Predictor, text: str, requests: int = 400, clients: int = 4) -> dict:
+    """Throughput of ``POST /complete`` on loopback: ``clients`` threads, each on one
+    keep-alive connection, send the prefixes of ``text`` as a typist would. Client and
+    server share this process (and its interpreter lock), so this is a floor."""
+    server = Server(proto, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prefixes = [text[:i] for i in range(1, min(len(text), MAX_TEXT) + 1)] or [""]
+    per_client = max(1, requests // clients)
+    failures = []
+
+    def client(c: int) -> None:
+        conn = HTTPConnection(*server.server_address[:2], timeout=60)
+        for i in range(per_client):
+            body = json.dumps({"text": prefixes[(c * per_client + i) % len(prefixes)], "k": 5})
+            conn.request("POST", "/complete", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                failures.append(resp.status)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    server.shutdown()
+    server.server_close()
+    n = per_client * clients
+    return {"requests": n, "clients": clients, "seconds": round(seconds, 3),
+            "requests_per_s": round(n / seconds, 1), "failures": len(failures)}

@@ -1,0 +1,135 @@
+"""Autocomplete metrics: a hand-worked typist, top-k accuracy, and the model rows
+(LSTM and n-gram) that feed them."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lm.checkpoint import load_model
+from lm.cli import main
+from lm.keyboard import Ranker, autocomplete, lstm_rows, typed_text
+from lm.ngram import KneserNey
+from lm.predict import Predictor
+from lm.tokenizer import Tokenizer
+
+# A context-free toy model: the same next-word distribution at every position.
+TOY = {"the": 0.30, ".": 0.20, "then": 0.15, "cat": 0.10, "sat": 0.08, "car": 0.07, "cab": 0.06,
+       "<eos>": 0.03, "<unk>": 0.01}
+TEXT = "the cat sat.\nthen the car.\n\ndog"
+
+
+@pytest.fixture(scope="module")
+def toy_tok() -> Tokenizer:
+    tok = Tokenizer.train(["the cat sat .", "then the car .", "the cab ."])
+    assert sorted(tok.words) == sorted(TOY)
+    return tok
+
+
+def toy_rows(tok: Tokenizer, probs: dict = TOY):
+    row = torch.zeros(tok.vocab_size)
+    for w, p in probs.items():
+        row[tok.eos_id if w == "<eos>" else tok.word_to_id[w]] = math.log(p)
+
+    def rows(stream):  # chunks of two rows, to cross chunk boundaries
+        for i in range(0, stream.numel(), 2):
+            yield row.expand(min(2, stream.numel() - i), -1)
+    return rows
+
+
+def test_typed_text_layout_and_characters(toy_tok):
+    text = typed_text(TEXT, toy_tok)
+    layout = [(t.surface, t.space) for t in text.tokens[:4]]
+    assert layout == [("the", True), ("cat", True), ("sat", False), (".", False)]
+    assert text.chars == len(TEXT) + 1  # every line ends in one line break, the last too
+    assert text.line_breaks == 4
+    assert text.stream.tolist().count(toy_tok.eos_id) == 4 and text.tokens[-1].id == toy_tok.unk_id
+    cut = typed_text(TEXT, toy_tok, max_words=5)  # the second line is cut after "then"
+    assert [t.word for t in cut.tokens] == ["the", "cat", "sat", ".", "then"]
+    assert cut.stream.numel() == 6 and cut.chars == len("the cat sat.\n") + len("then ")
+
+
+@pytest.mark.parametrize("k, keystrokes, accepted", [(3, 18, 8), (1, 23, 4)])
+def test_keystroke_savings_of_a_hand_worked_text(toy_tok, k, keystrokes, accepted):
+    # The text "the cat sat.\nthen the car.\n\ndog" has 32 characters with its four line
+    # breaks. Suggestions at a token's start rank: the . then cat sat car cab; "dog" is
+    # out of vocabulary. Start ranks: the 0, cat 3, sat 4, . 1, then 2, the 0, car 5, . 1.
+    #
+    # k = 3:  the    shown at once                        1 key  ("the ")
+    #         cat    c -> {cat car cab}: cat first         2 keys ("cat ")
+    #         sat    s -> {sat}                            2 keys ("sat", "." sticks to it)
+    #         .      shown at once                        1 key, then Enter 1       line 1: 7
+    #         then 1, the 1, car: c -> car second 2, . 1, Enter 1                  line 2: 6
+    #         blank line: Enter 1;  dog: typed 3 + Enter 1                         total 18
+    # k = 1:  line 1 as above but "." is not first: typed, 1 key                   line 1: 7
+    #         then: "the" ranks ahead of it after t, th, the -> typed 4 + space 1 = 5
+    #         the 1; car: cat ranks ahead after c and ca -> typed 3; . 1; Enter 1  line 2: 11
+    #         blank 1, dog 4                                                       total 23
+    text = typed_text(TEXT, toy_tok)
+    r = autocomplete(toy_rows(toy_tok)(text.stream), text, toy_tok, k=k)
+    assert (r["keystrokes"], r["chars"], r["accepted"]) == (keystrokes, 32, accepted)
+    assert r["keystroke_savings"] == pytest.approx(1 - keystrokes / 32)
+    # top-k accuracy over the 9 tokens, the out-of-vocabulary "dog" a miss
+    assert (r["top1"], r["top3"], r["top5"]) == pytest.approx((2 / 9, 5 / 9, 7 / 9))
+    assert (r["words"], r["oov"]) == (9, 1)
+
+
+def test_specials_are_never_suggested_and_ties_go_to_the_lower_id(toy_tok):
+    # <eos> and <unk> outrank every word here (only the order matters, not the sum), and
+    # cab ties with car: the lower id goes first.
+    probs = TOY | {"<eos>": 0.9, "<unk>": 0.8, "cab": 0.07}
+    text = typed_text("the car", toy_tok)
+    r = autocomplete(toy_rows(toy_tok, probs)(text.stream), text, toy_tok, k=1)
+    assert r["top1"] == 0.5  # "the" is still the first suggestion
+    ranker, car = Ranker(toy_tok), text.tokens[1]
+    pools = torch.tensor([ranker.ranges(car)])  # (1, 3, 2): everything, then words starting "c", "ca"
+    row = next(toy_rows(toy_tok, probs)(text.stream))[:1]
+    ranks = ranker.ranks(row, torch.tensor([car.id]), pools[..., 0], pools[..., 1])[0].tolist()
+    cab_first = int(toy_tok.word_to_id["cab"] < toy_tok.word_to_id["car"])
+    assert ranks == [5 + cab_first, 1 + cab_first, 1 + cab_first]  # the . then cat sat; cat
+
+
+def test_lstm_rows_equal_the_predictors_incremental_distribution(tiny_run):
+    _, model, tok, _ = load_model(tiny_run / "best.pt")
+    words = "the cat sat on the mat .".split()
+    text = typed_text(" ".join(words) + "\nthe dog ran to a tree .", tok)
+    rows = torch.cat(list(lstm_rows(model, text.stream, tok.eos_id, window=3)))  # state carried across windows
+    assert rows.shape == (text.stream.numel(), tok.vocab_size)
+    p = Predictor(model, tok)
+    for i, w in enumerate(words):  # one word at a time, as typed
+        torch.testing.assert_close(rows[i], p.log_probs(), atol=1e-5, rtol=1e-5)
+        p.feed_words([w])
+    assert torch.allclose(rows.exp().sum(1), torch.ones(rows.size(0)), atol=1e-4)
+
+
+def test_ngram_top1_accuracy_equals_a_brute_force_count(tiny_corpus, tiny_tokenizer):
+    stream = torch.tensor(tiny_tokenizer.encode_typed((tiny_corpus / "train.txt").read_text()))
+    model = KneserNey.train(stream, tiny_tokenizer.vocab_size, tiny_tokenizer.eos_id, order=3)
+    raw = (tiny_corpus / "test.txt").read_text()
+    text = typed_text(raw, tiny_tokenizer)
+    r = autocomplete(model.log_prob_rows(text.stream, chunk=5), text, tiny_tokenizer, k=3)
+    ids = text.stream.tolist()
+    hits = 0
+    for t in text.tokens:  # the most likely suggestable word, straight from log_probs
+        lp = model.log_probs(ids[: t.pos]).numpy().copy()
+        lp[[tiny_tokenizer.unk_id, tiny_tokenizer.eos_id]] = -np.inf
+        hits += int(np.argmax(lp)) == t.id
+    assert r["top1"] == pytest.approx(hits / len(text.tokens))
+    assert 0.3 < r["top1"] < r["top3"] <= r["top5"] <= 1 and 0 < r["keystroke_savings"] < 1
+
+
+def test_cli_autocomplete_for_both_models(tiny_run, tiny_corpus, tmp_path, capsys):
+    text = tiny_corpus / "test.txt"
+    assert main(["eval", str(tiny_run / "best.pt"), "--autocomplete", str(text), "--max-words", "50", "--json"]) == 0
+    lstm = json.loads(capsys.readouterr().out)
+    assert lstm["words"] == 50 and lstm["k"] == 3 and 0 < lstm["keystroke_savings"] < 1
+    kn = tmp_path / "kn.npz"
+    assert main(["ngram", "train", str(tiny_run), "--out", str(kn), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["ngram", "eval", str(kn), "--autocomplete", str(text), "--k", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and "top-1" in line[0] and "keystroke savings" in line[0] and "(k=1)" in line[0]
+    assert main(["eval", str(tiny_run / "best.pt"), "--autocomplete", str(tmp_path / "missing.txt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0]

@@ -1,0 +1,149 @@
+"""lm serve: answers, 4xx with a message for every bad request, concurrent clients."""
+import json
+import socket
+import threading
+from http.client import HTTPConnection
+
+import pytest
+
+from lm import checkpoint
+from lm.cache import NeuralCache
+from lm.predict import Predictor
+from lm.serve import MAX_BODY, MAX_TEXT, Server, requests_per_second
+
+
+@pytest.fixture(scope="module")
+def proto(tiny_run):
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    pred = Predictor(model, tok, memory=NeuralCache(50, 0.5, 0.2, 16))
+    pred.learn("the old man spoke with my friend .")
+    return pred
+
+
+@pytest.fixture(scope="module")
+def server(proto):
+    srv = Server(proto, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(server, method, path, body=None, headers=None):
+    conn = HTTPConnection(*server.server_address[:2], timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, data, headers or {})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read()), resp.getheader("Content-Type")
+    conn.close()
+    return out
+
+
+def test_answers(server, proto):
+    status, health, ctype = call(server, "GET", "/health")
+    assert status == 200 and health == {"status": "ok", "vocab": proto.tok.vocab_size, "memory": True}
+    assert ctype.startswith("application/json")
+    status, r, _ = call(server, "POST", "/complete", {"text": "the cat sat on the m", "k": 3})
+    assert status == 200 and r["kind"] == "complete" and r["prefix"] == "m"
+    assert {s["word"] for s in r["suggestions"]} == {"mat", "man", "my"}
+    local = proto.fork()  # the oracle: the same predictor, used directly
+    local.update("the cat sat on the m")
+    assert r["suggestions"] == local.suggest(3).to_json()
+    status, r, _ = call(server, "POST", "/next", {"text": "the cat sat on the"})
+    assert status == 200 and len(r["suggestions"]) == 5
+    assert r["suggestions"][0]["word"] in {"mat", "house", "river", "city", "presentation"}  # after "on the"
+    status, r, _ = call(server, "POST", "/phrases", {"text": "the dog ", "k": 2, "words": 3})
+    assert status == 200 and len(r["phrases"]) == 2 and all(len(p["text"].split()) == 3 for p in r["phrases"])
+    gen = {"text": "the bird", "max_words": 12, "seed": 7, "temperature": 0.8, "top_p": 0.9}
+    a, b = call(server, "POST", "/generate", gen)[1], call(server, "POST", "/generate", gen)[1]
+    assert a == b and a["words"] == 12 and a["text"].strip()
+    assert call(server, "POST", "/generate", {**gen, "seed": 8})[1] != a
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/complete", b"{not json", 400, "not valid JSON"),
+    ("/complete", b"\xff\xfe", 400, "not UTF-8"),
+    ("/complete", [1, 2], 400, "JSON object"),
+    ("/complete", {}, 400, "needs the field 'text'"),
+    ("/complete", {"text": "a", "kk": 3}, 400, "unknown field 'kk'"),
+    ("/complete", {"text": 5}, 400, "text must be a string"),
+    ("/complete", {"text": "a", "k": "5"}, 400, "k must be an integer"),
+    ("/complete", {"text": "a", "k": True}, 400, "k must be an integer"),
+    ("/complete", {"text": "a", "k": 2.5}, 400, "k must be an integer"),
+    ("/complete", {"text": "a", "k": 0}, 400, "k must be between 1 and 100"),
+    ("/next", {"text": "a", "k": 101}, 400, "k must be between"),
+    ("/next", {"text": "a" * (MAX_TEXT + 1)}, 400, "at most 20,000"),
+    ("/phrases", {"text": "a", "words": 9}, 400, "words must be between 1 and 8"),
+    ("/generate", {"top_p": 0}, 400, "top_p must be above 0"),
+    ("/generate", {"temperature": -1}, 400, "temperature must be between"),
+    ("/generate", b'{"temperature": NaN}', 400, "temperature must be a number"),
+    ("/generate", {"max_words": 10**6}, 400, "max_words must be between"),
+    ("/generate", {"seed": -1}, 400, "seed must be between"),
+    ("/nope", {"text": "a"}, 404, "no endpoint /nope"),
+    ("/health", {}, 405, "takes GET"),
+])
+def test_bad_requests_get_4xx_and_a_message(server, path, body, status, message):
+    got, r, _ = call(server, "POST", path, body)
+    assert got == status and message in r["error"]
+
+
+def test_wrong_method_missing_length_and_oversized_body(server):
+    status, r, _ = call(server, "GET", "/complete")
+    assert status == 405 and "POST" in r["error"]
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:  # no Content-Length
+        s.sendall(b"POST /complete HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = s.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 411") and "Content-Length" in reply
+    conn = HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.putrequest("POST", "/complete")
+    conn.putheader("Content-Length", str(MAX_BODY + 1))  # announced, never sent: not read
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "at most" in json.loads(resp.read())["error"]
+    conn.close()
+    assert call(server, "GET", "/health")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def int8_server(tiny_run):
+    from lm.quantize import quantize
+
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    srv = Server(Predictor(quantize(model), tok, memory=NeuralCache(50, 0.5, 0.2, 16)), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("which", ["server", "int8_server"])  # the CLI serves int8 weights by default
+def test_concurrent_clients_get_the_answers_of_sequential_ones(which, request):
+    server = request.getfixturevalue(which)
+    texts = ["the cat sat on the m", "a bird ", "my friend looked at", "the president ran to the ci",
+             "the old man ", "the dog walked past a t", "", "the house"]
+    expected = {t: call(server, "POST", "/complete", {"text": t, "k": 4})[1] for t in texts}
+    errors = []
+
+    def client(i):
+        conn = HTTPConnection(*server.server_address[:2], timeout=60)  # keep-alive: several requests
+        for j in range(6):
+            t = texts[(i + j) % len(texts)]
+            conn.request("POST", "/complete", json.dumps({"text": t, "k": 4}))
+            resp = conn.getresponse()
+            got = json.loads(resp.read())
+            if resp.status != 200 or got != expected[t]:
+                errors.append((t, resp.status, got))
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert call(server, "GET", "/health")[0] == 200
+
+
+def test_requests_per_second(proto):
+    r = requests_per_second(proto, "the cat sat on the mat .", requests=40, clients=2)
+    assert r["requests"] == 40 and r["failures"] == 0 and r["requests_per_s"] > 0
