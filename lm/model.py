@@ -84,7 +84,7 @@ class FullSoftmax(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         if self.int8 is not None:
-            return self.int8(h)
+            return _rows(self.int8, h)
         return F.linear(h, self.weight, self.bias)  # (N, V)
 
     def folded(self) -> list[tuple[Tensor, Tensor | None]]:
@@ -153,14 +153,14 @@ class AdaptiveSoftmax(nn.Module):
     def _head_logits(self, h: Tensor) -> Tensor:
         """(N, D) -> (N, c_0 + n_clusters): the shortlist words, then one per cluster."""
         if self.int8 is not None:
-            return self.int8[0](h)
+            return _rows(self.int8[0], h)
         short, _ = self._weights()
         return F.linear(h, torch.cat([short, self.cluster]), self.head_bias)
 
     def _tail_logits(self, i: int, h: Tensor) -> Tensor:
         """(N, D) -> (N, size of cluster i)."""
         if self.int8 is not None:
-            return self.int8[i + 1](h)
+            return _rows(self.int8[i + 1], h)
         _, tails = self._weights()
         b = self.out_bias[i] if self.head_bias is not None else None
         return F.linear(self.proj[i](h), tails[i], b)
@@ -204,6 +204,11 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(len(self.proj)):
             parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h), dim=-1))
         return torch.cat(parts, dim=-1)
+
+
+def _rows(linear: nn.Module, h: Tensor) -> Tensor:
+    """Apply a quantised linear map (which takes 2-D input only) to (..., D) features."""
+    return linear(h.reshape(-1, h.size(-1))).view(*h.shape[:-1], -1)
 
 
 def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor]) -> list[Tensor]:

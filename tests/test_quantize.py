@@ -45,3 +45,15 @@ def test_int8_carries_hidden_state_like_the_float_model():
     # equal up to the noise of quantising each call's activations with their own range
     torch.testing.assert_close(torch.cat([first, second], 1), whole, atol=2e-2, rtol=0)
     assert math.isfinite(float(whole.sum()))
+
+
+def test_int8_scores_a_single_feature_vector():
+    """generate() and the predictor ask for one position's distribution: (D,) -> (V,)."""
+    torch.manual_seed(0)
+    for head in ("adaptive", "full"):
+        q = quantize(LSTMLM(ModelConfig(emb_dim=16, hidden_dim=24, head=head, cutoffs=[10, 30]), V).eval())
+        with torch.no_grad():
+            feats, _ = q(torch.randint(0, V, (1, 4)))
+            one = q.log_probs(feats[0, -1])
+        assert one.shape == (V,)
+        torch.testing.assert_close(one, q.log_probs(feats)[0, -1])
