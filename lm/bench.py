@@ -241,7 +241,27 @@ def bench_inference(checkpoint: str | None, words: int = 300, rounds: int = 3) -
     return out
 
 
-BENCHES = ("train", "profile", "inference", "cache")
+def bench_autocomplete(checkpoint: str | None, chars: int = 20_000) -> dict:
+    """Per-keystroke latency of the autocomplete engine as ``lm repl`` runs it (int8
+    weights, session memory, one thread), typing the WikiText-2 test split character by
+    character, and ``lm serve`` requests/s on loopback."""
+    from lm.cache import LAMBDA, THETA, WINDOW, NeuralCache
+    from lm.predict import Predictor, keystroke_latency
+    from lm.quantize import quantize
+    from lm.serve import requests_per_second
+    from lm.text import detokenize_text
+    from lm.train import set_threads
+
+    set_threads(1)
+    _, model, tok, used = _default_model(checkpoint)
+    model = quantize(model)
+    pred = Predictor(model, tok, memory=NeuralCache(WINDOW, THETA, LAMBDA, model.layers[-1].hidden_size))
+    text = "\n".join(detokenize_text(line) for line in open_corpus("wikitext-2").lines("test") if line.strip())
+    return {"checkpoint": used or "untrained default model", "latency_ms": keystroke_latency(pred, text, chars),
+            "serve": requests_per_second(pred, text[:3000], requests=400, clients=4)}
+
+
+BENCHES = ("train", "profile", "inference", "autocomplete", "cache")
 
 
 def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wikitext-2/best.pt",
@@ -284,6 +304,17 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
                      f"({r['int8_generate_speedup']:.2f}x)", "target >= 1.5x"))
         rows.append(("test ppl, float -> int8", f"{f['test_ppl']} -> {q['test_ppl']} ({r['int8_ppl_cost']:+.2%})",
                      "target <= +1%" if r["checkpoint"] != "untrained default model" else "untrained: not meaningful"))
+    if "autocomplete" in want:
+        r = bench_autocomplete(checkpoint)
+        results["autocomplete"] = r
+        log(f"autocomplete ({r['checkpoint']}): {json.dumps(r['latency_ms'])}; serve {json.dumps(r['serve'])}")
+        lat = r["latency_ms"]
+        for kind, target in (("inside_word", 2), ("boundary", 10)):
+            if kind in lat and isinstance(lat[kind], dict):
+                rows.append((f"keystroke latency, {kind.replace('_', ' ')} (int8, memory, 1 thread)",
+                             f"p50 {lat[kind]['p50_ms']:.2f} ms, p99 {lat[kind]['p99_ms']:.2f} ms",
+                             f"target p99 <= {target} ms"))
+        rows.append(("lm serve POST /complete, 4 clients on loopback", f"{r['serve']['requests_per_s']:.0f} requests/s", ""))
     if "cache" in want:
         r = bench_cache()
         results["cache"] = r
