@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.errors import DataError
+from lm.errors import DataError, open_input
 
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
@@ -222,15 +222,7 @@ class DataWarning(UserWarning):
 def _raw_lines(path: Path) -> Iterator[bytes]:
     """Lines of a file as bytes, without LF / CRLF endings. A line longer than
     ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays flat."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path} not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory, expected a text file") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
+    with open_input(path, DataError) as f:
         if b"\x00" in f.read(8192):
             raise DataError(f"{path} looks like a binary file (it has NUL bytes), not text")
         f.seek(0)

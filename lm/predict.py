@@ -78,7 +78,7 @@ import torch
 from torch import Tensor
 
 from lm.cache import NeuralCache
-from lm.errors import LMError
+from lm.errors import LMError, open_input
 from lm.model import LSTMLM, Hidden
 from lm.tokenizer import Tokenizer
 
@@ -119,17 +119,10 @@ def read_user_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     depends on its end, and the memory keeps only its last words. Bad bytes become
     U+FFFD; a missing or binary file is an LMError."""
     path = Path(path).expanduser()
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        raise LMError(f"{path} not found") from None
-    except IsADirectoryError:
-        raise LMError(f"{path} is a directory, expected a text file") from None
-    except OSError as e:
-        raise LMError(f"cannot read {path}: {e.strerror}") from None
+    with open_input(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - max_bytes))
+        data = f.read()
     if b"\x00" in data:
         raise LMError(f"{path} looks like a binary file (it has NUL bytes), not text")
     if size > max_bytes:
