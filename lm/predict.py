@@ -120,9 +120,19 @@ def read_user_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     U+FFFD; a missing or binary file is an LMError."""
     path = Path(path).expanduser()
     with open_input(path) as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - max_bytes))
-        data = f.read()
+        try:
+            if f.seekable():
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - max_bytes))
+                data = f.read()
+            else:  # a pipe (--learn <(cmd), @/dev/stdin): read it through, keep the end
+                data = b""
+                while chunk := f.read(1 << 20):
+                    data = (data + chunk)[-max_bytes - 1:]
+                size = len(data)
+                data = data[-max_bytes:]
+        except OSError as e:
+            raise LMError(f"cannot read {path}: {e.strerror or e}") from None
     if b"\x00" in data:
         raise LMError(f"{path} looks like a binary file (it has NUL bytes), not text")
     if size > max_bytes:

@@ -22,6 +22,7 @@ ending in a whole vocabulary word asks for the next word (the rule of ``lm compl
 """
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
@@ -121,7 +122,7 @@ class Repl:
         if name == "context":
             return f"context: {self.pred.text()[-200:] or '(empty)'}", True
         if name == "k":
-            if not arg.isdigit() or not 1 <= int(arg) <= MAX_K:
+            if not arg.isdecimal() or not 1 <= int(arg) <= MAX_K:
                 return f"usage: :k N with N from 1 to {MAX_K} (now {self.k})", True
             self.k = int(arg)
             return f"k = {self.k}", True
@@ -143,7 +144,7 @@ class Repl:
         return f"temperature = {t:g} (for :gen)"
 
     def _generate(self, arg: str) -> str:
-        if arg and not (arg.isdigit() and 1 <= int(arg) <= MAX_GEN):
+        if arg and not (arg.isdecimal() and 1 <= int(arg) <= MAX_GEN):
             return f"usage: :gen [N] with N from 1 to {MAX_GEN} words (default 20)"
         sc = self.sample
         pieces = continue_text(self.pred.model, self.pred.tok, self.pred.text(), int(arg or 20),
@@ -176,6 +177,8 @@ def _extension(pred: Predictor, text: str, choices: list) -> str:
 def run(predictor: Predictor, k: int = 5, stdin: TextIO | None = None, stdout: TextIO | None = None,
         plain: bool = False, sample: SampleConfig | None = None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if isinstance(stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not a crash
+        stdin.reconfigure(errors="replace")
     repl = Repl(predictor, k, sample)
     if not plain and stdin.isatty() and stdout.isatty():
         return _live(repl, stdout)

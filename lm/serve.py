@@ -188,13 +188,15 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
+        except RecursionError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body's JSON is nested too deeply") from None
         except json.JSONDecodeError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e.msg} at "
                                                        f"line {e.lineno} column {e.colno}") from None
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length", "0")
-        if length.isdigit() and int(length) <= MAX_BODY:
+        if length.isdecimal() and int(length) <= MAX_BODY:
             self.rfile.read(int(length))
         else:
             self.close_connection = True

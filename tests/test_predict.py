@@ -1,5 +1,6 @@
 """The autocomplete engine: incremental state, completions, casing, phrases, memory."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -242,6 +243,13 @@ def test_read_user_text(tmp_path):
     for bad, msg in ((tmp_path / "bin", "binary"), (tmp_path / "none.txt", "not found"), (tmp_path, "directory")):
         with pytest.raises(Exception, match=msg):
             read_user_text(bad)
+    r, w = os.pipe()  # not seekable: --learn <(cmd), --prompt @/dev/stdin
+    os.write(w, b"first line\n" + b"x" * 50 + b"\nlast words\n")
+    os.close(w)
+    try:
+        assert read_user_text(f"/dev/fd/{r}", max_bytes=20) == "last words\n"
+    finally:
+        os.close(r)
 
 
 def test_keystroke_latency_reports_both_kinds(tiny):

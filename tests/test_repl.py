@@ -37,7 +37,7 @@ def lines_out(pred, script: str) -> list[str]:
 def test_odd_input_never_breaks_the_one_line_rule(pred, tmp_path):
     odd = ["", "   ", "\x00\x01\x1b[31m\x7f", "the\tcat\x0bsat", "😀 ünïcödé ?!", "x" * (MAX_LINE + 5),
            "the cat\r", ":", ": k", ":k 0", ":temp hot", ":temp 0", ":gen 3", ":gen 9999",
-           f":learn {tmp_path / 'missing.txt'}", ":learn", ":context", "a " * 5000]
+           f":learn {tmp_path / 'missing.txt'}", ":learn", ":context", "a " * 5000, ":k \u00b2", ":gen \u00b2"]
     out = lines_out(pred, "\n".join(odd) + "\n")
     assert len(out) == len(odd)
     assert out[5] == f"line too long: at most {MAX_LINE:,} characters (ignored)"
@@ -45,6 +45,14 @@ def test_odd_input_never_breaks_the_one_line_rule(pred, tmp_path):
     assert out[12].startswith("…") and len(out[12]) > 3
     assert out[14].startswith("error:") and "not found" in out[14]
     assert out[16].startswith("context: ")
+    assert out[18].startswith("usage: :k") and out[19].startswith("usage: :gen")
+
+
+def test_bytes_that_are_not_utf8_on_stdin_do_not_crash(pred):
+    stdin = io.TextIOWrapper(io.BytesIO(b"the \xff\xfe cat\n:quit\n"), encoding="utf-8")  # strict, as in a UTF-8 locale
+    out = io.StringIO()
+    assert run(pred, stdin=stdin, stdout=out) == 0
+    assert out.getvalue().startswith("next:")
 
 
 def test_gen_is_greedy_at_temperature_zero_and_learn_reads_a_file(pred, tmp_path):

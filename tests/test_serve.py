@@ -79,6 +79,7 @@ def test_answers(server, proto):
     ("/generate", b'{"temperature": NaN}', 400, "temperature must be a number"),
     ("/generate", {"max_words": 10**6}, 400, "max_words must be between"),
     ("/generate", {"seed": -1}, 400, "seed must be between"),
+    ("/complete", b"[" * 50_000, 400, "nested too deeply"),
     ("/nope", {"text": "a"}, 404, "no endpoint /nope"),
     ("/health", {}, 405, "takes GET"),
 ])
@@ -101,6 +102,10 @@ def test_wrong_method_missing_length_and_oversized_body(server):
     resp = conn.getresponse()
     assert resp.status == 413 and "at most" in json.loads(resp.read())["error"]
     conn.close()
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:  # a digit int() refuses
+        s.sendall(b"GET /complete HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+        reply = s.recv(65536).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 405")
     assert call(server, "GET", "/health")[0] == 200
 
 
