@@ -277,7 +277,9 @@ class KneserNey:
                 if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
                     raise CheckpointError(f"{path} has n-gram format version {meta.get('version')}, newer than "
                                           f"this lm ({__version__}) reads ({VERSION}): upgrade lm")
-                order, V = int(meta["order"]), int(meta["vocab_size"])
+                order, V, bos_id = int(meta["order"]), int(meta["vocab_size"]), int(meta["bos_id"])
+                if not (1 <= order <= MAX_ORDER and 0 <= bos_id < V):
+                    raise CheckpointError(f"{bad} (order {order} or bos_id {bos_id} out of range); retrain it")
                 keys = [None] + [z[f"keys{k}"].astype(np.int64) for k in range(2, order + 1)]
                 counts = [z[f"counts{k}"].astype(np.int64) for k in range(1, order + 1)]
                 t = meta["tokenizer"]
@@ -291,7 +293,7 @@ class KneserNey:
             raise CheckpointError(f"{bad} (truncated or corrupt: {type(e).__name__}); retrain it with "
                                   "lm ngram train") from None
         _check_tables(keys, counts, V, path)
-        return cls(keys, counts, V, int(meta["bos_id"]), tokenizer, meta)
+        return cls(keys, counts, V, bos_id, tokenizer, meta)
 
 
 def discounts(counts: np.ndarray) -> np.ndarray:

@@ -159,6 +159,14 @@ def test_bad_model_files_give_one_line_errors(tiny_ngram, tiny_run, tmp_path, ca
             KneserNey.load(tmp_path / name)
     with pytest.raises(CheckpointError):
         KneserNey.load(tiny_run / "best.pt")  # an LSTM checkpoint is a zip too
+    with np.load(tiny_ngram) as z:  # a well-formed file whose meta lies: no bos_id, order 0, bos_id past V
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    for change in ({"bos_id": None}, {"order": 0}, {"bos_id": meta["vocab_size"]}):
+        m = {k: v for k, v in (meta | change).items() if v is not None}
+        np.savez(tmp_path / "lying.npz", **(arrays | {"meta": np.frombuffer(json.dumps(m).encode(), np.uint8)}))
+        with pytest.raises(CheckpointError):
+            KneserNey.load(tmp_path / "lying.npz")
     assert_one_line_error(run_lm("ngram", "eval", tmp_path / "truncated.npz"), code=1, match="corrupt")
     for path in (tmp_path / "missing.npz", tiny_run / "best.pt"):
         assert main(["ngram", "eval", str(path)]) == 1
