@@ -110,12 +110,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_path(flag: str, path: str) -> None:
+    """Refuse an output file that cannot be written before the work that fills it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: no such directory; create it or choose another path")
+
+
 def _check_eval_methods(args: argparse.Namespace) -> None:
     """Refuse bad method settings before minutes of scoring, not after."""
     from lm import cache, dynamic
 
-    if args.dump_tokens is not None and not Path(args.dump_tokens).parent.is_dir():
-        raise ConfigError(f"--dump-tokens {args.dump_tokens}: no such directory; create it or choose another path")
+    if args.dump_tokens is not None:
+        _check_output_path("--dump-tokens", args.dump_tokens)
     cache.check_settings(args.cache_window or cache.WINDOW, _or(args.cache_theta, cache.THETA),
                          _or(args.cache_lambda, cache.LAMBDA))
     if args.dynamic:
@@ -434,9 +443,15 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lm.bench import run
 
+    if args.json:
+        _check_output_path("--json", args.json)
     results = run(args.only, checkpoint=args.checkpoint)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(json.dumps(results, indent=2))  # the measurements are not lost
+            raise LMError(f"cannot write {args.json}: {e.strerror}; the results are printed above") from None
         print(f"results written to {args.json}")
     return 0
 

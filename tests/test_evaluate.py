@@ -101,10 +101,22 @@ def test_cli_eval_with_cache_dynamic_and_dump(tiny_run, tiny_corpus, tmp_path, c
 
 @pytest.mark.parametrize("flags,match", [(["--cache", "--cache-lambda", "2"], "--cache-lambda"),
                                          (["--dynamic", "sgd", "--dynamic-lr", "-1"], "--dynamic-lr"),
-                                         (["--dump-tokens", "/no/such/dir/t.tsv"], "--dump-tokens")])
+                                         (["--dump-tokens", "/no/such/dir/t.tsv"], "--dump-tokens"),
+                                         (["--dump-tokens", "/tmp"], "is a directory")])
 def test_cli_eval_bad_method_settings_are_usage_errors(tiny_run, flags, match, capsys):
     from lm.cli import main
 
     assert main(["eval", str(tiny_run), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+
+
+@pytest.mark.parametrize("path,match", [("/no/such/dir/b.json", "no such directory"), ("/tmp", "is a directory")])
+def test_bench_json_to_an_unwritable_place_fails_before_measuring(path, match, capsys, monkeypatch):
+    import lm.bench
+    from lm.cli import main
+
+    monkeypatch.setattr(lm.bench, "run", lambda *a, **k: pytest.fail("measured before checking --json"))
+    assert main(["bench", "--json", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
