@@ -137,9 +137,8 @@ class NeuralCache:
         -> (T,) mixed log p; position t sees the memory and positions < t of this call.
         Then all T positions are remembered."""
         lp_cache, seen = self.score_targets(h, targets, [self.theta])
-        mixed = _mixture(target_log_probs, lp_cache[0].to(target_log_probs.dtype), self.lam)
         self.add(h, targets)
-        return torch.where(seen, mixed, target_log_probs)
+        return _mixed(target_log_probs, lp_cache[0].to(target_log_probs.dtype), seen, self.lam)
 
 
 def _mixture(log_p_model: Tensor, log_p_cache: Tensor, lam: float) -> Tensor:
@@ -148,6 +147,11 @@ def _mixture(log_p_model: Tensor, log_p_cache: Tensor, lam: float) -> Tensor:
     log_keep = math.log1p(-lam) if lam < 1 else -math.inf
     log_lam = math.log(lam) if lam > 0 else -math.inf
     return torch.logaddexp(log_p_model + log_keep, log_p_cache + log_lam)
+
+
+def _mixed(lp_model: Tensor, lp_cache: Tensor, seen: Tensor, lam: float) -> Tensor:
+    """The mixture where the cache had seen something, the model alone elsewhere."""
+    return torch.where(seen, _mixture(lp_model, lp_cache, lam), lp_model)
 
 
 def _stream_scores(model: LSTMLM, stream: Tensor, bos_id: int, window: int, thetas: Sequence[float],
@@ -172,8 +176,7 @@ def _stream_scores(model: LSTMLM, stream: Tensor, bos_id: int, window: int, thet
 
 def _mixed_nll(lp_model: Tensor, lp_cache: Tensor, seen: Tensor, lam: float) -> Tensor:
     """Total negative log-likelihood of the mixture: (N,), (..., N), (N,) -> (...) float64."""
-    mixed = torch.where(seen, _mixture(lp_model, lp_cache, lam), lp_model)
-    return -mixed.sum(dim=-1, dtype=torch.float64)
+    return -_mixed(lp_model, lp_cache, seen, lam).sum(dim=-1, dtype=torch.float64)
 
 
 @torch.inference_mode()
@@ -186,7 +189,7 @@ def evaluate_cache(model: LSTMLM, stream: Tensor, *, bos_id: int, window: int = 
     check_settings(window, theta, lam)
     start = time.perf_counter()
     lp_model, lp_cache, seen = _stream_scores(model, stream, bos_id, window, [theta], progress, desc)
-    mixed = torch.where(seen, _mixture(lp_model, lp_cache[0], lam), lp_model)
+    mixed = _mixed(lp_model, lp_cache[0], seen, lam)
     seconds = time.perf_counter() - start
     n = stream.numel()
     total, plain = -mixed.sum(dtype=torch.float64).item(), -lp_model.sum(dtype=torch.float64).item()
