@@ -253,20 +253,20 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 (f"continue from step {saved_step:,} with lm train --resume {run_dir}" if saved_step is not None
                  else "train again"))
 
-    def commit(metrics: dict | None, *names: str) -> None:
-        """Make the current state the last good one, and write it (rank 0) as ``names``."""
+    def commit(metrics: dict | None, best: bool = False) -> None:
+        """Make the current state the last good one, and write it (rank 0) as last.pt,
+        and as best.pt too when it is the ``best``."""
         nonlocal good, saved_step
         good = capture(metrics)
         if not lead:
             return
         fault = _kill_self if state["step"] == fail_in_save else None
-        for name in names:
+        for name in ("best.pt", "last.pt") if best else ("last.pt",):
             try:
                 checkpoint.save(good, run_dir / name, before_replace=fault)
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; {disk_full_hint()}") from None
-        if "last.pt" in names:
-            saved_step = state["step"]
+        saved_step = state["step"]
 
     def log_metrics(record: dict) -> None:
         if lead:
@@ -359,7 +359,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                     if not _all_finite(model, optimizer, world):
                         trouble = "the weights became non-finite"
                         break
-                    commit(None, "last.pt")
+                    commit(None)
                 if state["step"] == fail_at:
                     _kill_self()
                 if tc.max_steps and state["step"] >= tc.max_steps:
@@ -378,7 +378,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 stop = ""  # budgets and a stop request are checked again on the next step
                 continue
             if stop == "interrupted":
-                commit(None, "last.pt")
+                commit(None)
                 break
             epoch_done = state["pos"] >= columns
             with averaged_weights(model, optimizer, state["averaging"]):
@@ -399,7 +399,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
             if epoch_done:
                 state.update(epoch=epoch + 1, pos=0, epoch_loss=0.0, epoch_tokens=0)
                 hidden = None
-            commit(record, *(("best.pt", "last.pt") if improved else ("last.pt",)))
+            commit(record, best=improved)
             if lead:
                 log(f"epoch {epoch}{'' if epoch_done else ' (partial)'}: train ppl {record['train_ppl']:.2f}, "
                     f"valid ppl {val['ppl']:.2f}{' (best)' if improved else ''}, lr {record['lr']:.3g}"
