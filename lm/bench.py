@@ -211,7 +211,6 @@ def bench_inference(checkpoint: str | None, words: int = 300, rounds: int = 3) -
     """Float vs int8 side by side on the default model: generation words/s (one word
     per model step, batch 1, one thread as in the REPL) and, on the WikiText-2 test
     split, evaluation wall time and perplexity."""
-    import torch
 
     from lm.data import token_stream
     from lm.evaluate import evaluate

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -44,11 +45,21 @@ def save(ckpt: dict, path: str | Path, *, before_replace: Callable[[], None] | N
     if bad:
         raise CheckpointError(f"refusing to write {path}: weights {bad[0]} are not finite (NaN or inf); "
                               f"the previous {path.name} is unchanged")
+    return atomic_write(path, lambda f: torch.save(ckpt, f), before_replace=before_replace,
+                        hint=f"the previous {path.name} is unchanged")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, hint: str,
+                 before_replace: Callable[[], None] | None = None) -> Path:
+    """Write a file atomically: ``write`` fills a temporary file in the same directory,
+    which is fsynced and then renamed over ``path``, so a crash or a full disk leaves the
+    previous file untouched. An OSError becomes a one-line CheckpointError ending in
+    ``hint``; the temporary file never stays behind."""
     tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if before_replace:
@@ -58,7 +69,7 @@ def save(ckpt: dict, path: str | Path, *, before_replace: Callable[[], None] | N
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {_reason(e)}; the previous {path.name} is unchanged") from None
+            raise CheckpointError(f"cannot write {path}: {_reason(e)}; {hint}") from None
         raise
     _fsync_dir(path.parent)
     return path

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import zipfile
 from collections.abc import Iterator
@@ -53,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from lm import __version__
+from lm.checkpoint import atomic_write
 from lm.errors import CheckpointError, ConfigError
 from lm.tokenizer import Tokenizer
 
@@ -249,16 +249,8 @@ class KneserNey:
             if k:
                 arrays[f"keys{k + 1}"] = self.keys[k]
             arrays[f"counts{k + 1}"] = self.counts[k].astype(np.uint32)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
-        return path
+        # np.savez gets a file object: given a name, it would append ".npz"
+        return atomic_write(path, lambda f: np.savez(f, **arrays), hint="choose another --out")
 
     @classmethod
     def load(cls, path: str | Path) -> "KneserNey":

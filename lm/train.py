@@ -521,14 +521,8 @@ def _truncate_metrics(path: Path, step: int, rollbacks: int) -> None:
                 keep.append(line)
         elif "summary" not in record and record.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}{checkpoint.TMP}{os.getpid()}")
-    try:
-        tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LMError(f"cannot rewrite {path}: {e.strerror or e}; free some space or fix the permissions "
-                      "and run again") from None
+    text = "".join(l + "\n" for l in keep).encode("utf-8")
+    checkpoint.atomic_write(path, lambda f: f.write(text), hint="free some space or fix the permissions and run again")
 
 
 @contextmanager
