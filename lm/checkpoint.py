@@ -50,11 +50,12 @@ def save(ckpt: dict, path: str | Path, *, before_replace: Callable[[], None] | N
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, hint: str,
-                 before_replace: Callable[[], None] | None = None) -> Path:
+                 before_replace: Callable[[], None] | None = None,
+                 error: type[LMError] = CheckpointError) -> Path:
     """Write a file atomically: ``write`` fills a temporary file in the same directory,
     which is fsynced and then renamed over ``path``, so a crash or a full disk leaves the
-    previous file untouched. An OSError becomes a one-line CheckpointError ending in
-    ``hint``; the temporary file never stays behind."""
+    previous file untouched. An OSError becomes a one-line ``error`` ending in ``hint``;
+    the temporary file never stays behind."""
     tmp = path.with_name(f".{path.name}{TMP}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, hint: str,
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {_reason(e)}; {hint}") from None
+            raise error(f"cannot write {path}: {_reason(e)}; {hint}") from None
         raise
     _fsync_dir(path.parent)
     return path

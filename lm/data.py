@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lm.checkpoint import atomic_write
 from lm.config import TokenizerConfig
 from lm.corpus import SPLITS, Corpus
-from lm.errors import DataError
+from lm.errors import DataError, LMError
 from lm.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1
@@ -85,22 +86,18 @@ def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool
 def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: np.dtype,
           *, progress: bool = False) -> int:
     """Tokenize a split into ``path`` chunk by chunk; returns the token count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    try:
-        with open(tmp, "wb") as f, tqdm(desc=f"tokenizing {corpus.name} {split}", unit="tok",
-                                        unit_scale=True, disable=None if progress else True, leave=False) as bar:
+
+    def write(f) -> None:
+        nonlocal n
+        with tqdm(desc=f"tokenizing {corpus.name} {split}", unit="tok", unit_scale=True,
+                  disable=None if progress else True, leave=False) as bar:
             for chunk in _chunks(corpus, split, tokenizer):
                 np.asarray(chunk, dtype).tofile(f)
                 n += len(chunk)
                 bar.update(len(chunk))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(f"cannot write the token cache {path}: {e.strerror}; set LM_CACHE "
-                        "to a writable directory") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write, error=DataError, hint="set LM_CACHE to a writable directory")
     return n
 
 
@@ -123,11 +120,8 @@ def _chunks(corpus: Corpus, split: str, tokenizer: Tokenizer):
 
 def _write_atomic(path: Path, data: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
+        atomic_write(path, lambda f: f.write(data), hint="")
+    except LMError:
         pass  # caching is an optimisation: an unwritable cache only costs time
 
 
