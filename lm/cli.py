@@ -159,7 +159,8 @@ def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, co
         ms, stats, bptt = None, {}, args.dynamic_bptt or BPTT
         if args.dynamic == "rms":  # gradient statistics from the start of the training split
             start = time.perf_counter()
-            train_ids = token_stream(corpus, "train", tokenizer, progress=show)[: args.dynamic_ms_tokens or MS_TOKENS]
+            train_ids = token_stream(corpus, "train", tokenizer, progress=show,
+                                     limit=args.dynamic_ms_tokens or MS_TOKENS)
             ms = gradient_ms(model, train_ids, bos_id=bos, bptt=bptt, progress=show)
             stats = {"ms_tokens": train_ids.numel(), "ms_seconds": time.perf_counter() - start}
         out["dynamic"] = stats | dynamic_evaluate(model, stream, bos_id=bos, method=args.dynamic, lr=args.dynamic_lr,
@@ -337,9 +338,7 @@ def _predictor(args: argparse.Namespace):
     from lm.predict import Predictor, read_user_text
     from lm.train import set_threads
 
-    window, theta, lam = (WINDOW if args.cache_window is None else args.cache_window,
-                          THETA if args.cache_theta is None else args.cache_theta,
-                          LAMBDA if args.cache_lambda is None else args.cache_lambda)
+    window, theta, lam = _or(args.cache_window, WINDOW), _or(args.cache_theta, THETA), _or(args.cache_lambda, LAMBDA)
     check_settings(window, theta, lam)
     set_threads(args.threads)
     _, model, tok, _ = load_model(args.checkpoint)

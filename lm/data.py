@@ -60,12 +60,13 @@ def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) 
 
 
 def token_stream(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool = True,
-                 progress: bool = False) -> torch.Tensor:
-    """The standard stream of one split (each line's tokens, then one <eos>) as int64."""
+                 progress: bool = False, limit: int | None = None) -> torch.Tensor:
+    """The standard stream of one split (each line's tokens, then one <eos>) as int64;
+    with ``limit``, only its first ``limit`` tokens (the rest is never converted)."""
     ids = token_array(corpus, split, tokenizer, cache=cache, progress=progress)
     if ids.size == 0:
         raise DataError(f"the {split} split of {corpus.where} is empty: it has no lines")
-    return torch.from_numpy(ids.astype(np.int64))
+    return torch.from_numpy(ids[:limit].astype(np.int64))
 
 
 def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool = True,
