@@ -293,7 +293,6 @@ class Predictor:
         self._features[0] = f0
         self._states: dict[int, Hidden] = {0: s0}  # sparse: see TAIL and STRIDE
         self._memo: OrderedDict[int, Tensor] = OrderedDict()  # position -> (V,) log-probs
-        self._remembered = 0  # positions whose pair is in the memory
         if self.memory is not None:
             self._rebuild_memory(0)
 
@@ -372,12 +371,13 @@ class Predictor:
 
     def _rewind(self, n: int) -> None:
         """Forget positions after n: their words, features, states and memory pairs."""
+        forgets = len(self._ids) > n  # the memory holds a pair for every fed position
         del self._ids[n:]  # feature rows after n are now free to overwrite
         for p in [p for p in self._states if p > n]:
             del self._states[p]
         for p in [p for p in self._memo if p > n]:
             del self._memo[p]
-        if self._remembered > n:
+        if forgets and self.memory is not None:
             self._rebuild_memory(n)
 
     def _feed(self, ids: list[int]) -> None:
@@ -397,7 +397,6 @@ class Predictor:
             del self._states[p]
         if self.memory is not None:
             self.memory.add(self._features[n:m], torch.tensor(ids))
-            self._remembered = m
 
     def _state(self, n: int) -> Hidden:
         """The LSTM state after the first n fed words, replayed from the nearest kept one."""
@@ -444,7 +443,6 @@ class Predictor:
         lo = max(0, n - self.memory.window)
         if n > lo:
             self.memory.add(self._features[lo:n], torch.tensor(self._ids[lo:n]))
-        self._remembered = n
 
     # -- predictions ---------------------------------------------------------------------
     def log_probs(self) -> Tensor:
