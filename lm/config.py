@@ -111,7 +111,7 @@ class TrainConfig:
     log_every: int = opt(100, "steps between progress refreshes and metrics.jsonl records")
     threads: int = opt(0, "torch intra-op threads; 0 = one per available core")
     device: str = opt("auto", "cpu, cuda or auto")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    bf16: bool = opt(True, "bf16 autocast where the hardware has bf16 (CUDA; CPUs with AVX512-BF16 or AMX); weights and optimiser stay fp32")
 
     def validate(self) -> None:
         _between("epochs", self.epochs, 1, 100000)

@@ -78,6 +78,16 @@ def set_threads(threads: int) -> int:
     return n
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic runs in hardware here: a CUDA device that has it, or a CPU
+    with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+    return device.type == "cpu" and any(check is not None and check() for check in checks)
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve large blocks from the heap and never return freed
     memory to the system. By default each batch's large buffers (activations, logits,
@@ -182,6 +192,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     threads = set_threads(tc.threads or max(1, len(os.sched_getaffinity(0)) // world))
     device = pick_device(tc.device, rank)
+    bf16 = tc.bf16 and native_bf16(device)
 
     corpus = open_corpus(dc.corpus, strict=dc.strict, held_out=dc.held_out)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt else load_tokenizer(corpus, cfg.tokenizer)
@@ -246,7 +257,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
         log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
-            f"threads{f' x{world} ranks' if world > 1 else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
+            f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if bf16 else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
 
     def disk_full_hint() -> str:
         return ("free some space or fix the permissions, then " +
@@ -303,7 +314,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
     deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with _stop_requests() as requested:
         while state["epoch"] <= tc.epochs and not stop:
             epoch = state["epoch"]

@@ -4,7 +4,7 @@ import torch
 
 from lm import checkpoint
 from lm.config import ModelConfig
-from lm.train import train
+from lm.train import native_bf16, train
 
 from conftest import tiny_config
 
@@ -55,6 +55,26 @@ def test_same_seed_same_weights(tiny_corpus, tmp_path):
     wa = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
     wb = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["best_valid_ppl"] == b["best_valid_ppl"]
+
+
+def test_bf16_autocast_is_used_where_the_cpu_has_bf16_and_trains_like_fp32(tiny_corpus, tmp_path):
+    """On a CPU with native bf16 the forward pass runs in bf16 (different rounding, the
+    same learning); elsewhere --bf16 changes nothing, since emulated bf16 is slower."""
+    runs = {}
+    for bf16 in (False, True):
+        lines = []
+        summary = train(tiny_config(tiny_corpus, epochs=1, max_steps=30, bf16=bf16), tmp_path / str(bf16),
+                        progress=False, log=lines.append)
+        runs[bf16] = (summary, checkpoint.load(tmp_path / str(bf16) / "last.pt")["model"], lines[0])
+    (fp32, w32, start32), (half, w16, start16) = runs[False], runs[True]
+    assert "bf16" not in start32
+    assert all(w.dtype == torch.float32 for w in w16.values())  # master weights stay fp32
+    if native_bf16(torch.device("cpu")):
+        assert "bf16 autocast" in start16
+        assert any(not torch.equal(w32[k], w16[k]) for k in w32)
+        assert abs(half["best_valid_ppl"] / fp32["best_valid_ppl"] - 1) < 0.05
+    else:
+        assert "bf16" not in start16 and all(torch.equal(w32[k], w16[k]) for k in w32)
 
 
 def test_learning_rate_anneals_over_the_end_of_whichever_budget_ends_first():
