@@ -165,14 +165,15 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     window), LSTM (embedding and LSTM layers, forward and backward), head (softmax
     forward and backward, and accumulating the tied gradient) and optimizer (clipping and
     the update). The LSTM part is timed by a pass through the layers alone on the same
-    batch, interleaved with the full steps; the head is the rest of forward+backward."""
+    batch, interleaved with the full steps; the head is the rest of forward+backward.
+    The precision is training's: bf16 autocast where the CPU has native bf16."""
     import torch
 
     from lm.batching import batchify, bptt_windows
     from lm.config import ModelConfig, TokenizerConfig
     from lm.data import load_tokenizer, token_stream
     from lm.model import LSTMLM, detach
-    from lm.train import set_threads
+    from lm.train import native_bf16, set_threads
 
     set_threads(0)
     corpus = open_corpus(base)
@@ -181,6 +182,8 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     torch.manual_seed(0)
     model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head="adaptive"), tok.vocab_size).train()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    bf16 = native_bf16(torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t = {"data": 0.0, "lstm": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
     hid = None
     for i in range(steps + 2):
@@ -188,12 +191,15 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
         t0 = time.perf_counter()
         _, x, y = next(windows)
         t1 = time.perf_counter()
-        features, _ = model(x, detach(hid) if hid else None)
+        with autocast:
+            features, _ = model(x, detach(hid) if hid else None)
         features.backward(torch.ones_like(features))
         opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
-        features, hid = model(x, detach(hid) if hid else None)
-        model.nll(features, y).mean().backward()
+        with autocast:
+            features, hid = model(x, detach(hid) if hid else None)
+            loss = model.nll(features, y).float().mean()
+        loss.backward()
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
@@ -205,7 +211,7 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     step = t["data"] + t["forward+backward"] + t["optimizer"]
     parts = {"data": t["data"], "lstm": t["lstm"], "head": max(0.0, t["forward+backward"] - t["lstm"]),
              "optimizer": t["optimizer"]}
-    return {"arch": f"2x{hidden} tied adaptive, emb {emb}, batch {batch}x{bptt}",
+    return {"arch": f"2x{hidden} tied adaptive, emb {emb}, batch {batch}x{bptt}{', bf16' if bf16 else ''}",
             "step_ms": round(step / steps * 1e3, 1),
             "share": {k: round(v / step, 3) for k, v in parts.items()}}
 

@@ -16,6 +16,8 @@ Two heads:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from lm.config import ModelConfig
 from lm.regularizers import LSTMLayer, embedding_dropout, locked_dropout
 
 Hidden = list[tuple[Tensor, Tensor]]  # per layer: (h, c), each (1, B, H_layer)
+READ_CHUNK = 4096  # tokens per model call when reading a long text (bounds activation memory)
 
 
 class LSTMLM(nn.Module):
@@ -60,6 +63,15 @@ class LSTMLM(nn.Module):
             last = i == len(self.layers) - 1
             h = locked_dropout(h, cfg.dropout if last else cfg.dropout_hidden, train)
         return (h, new_hidden, raw) if return_raw else (h, new_hidden)
+
+    def read(self, ids: Sequence[int], hidden: Hidden | None = None) -> Iterator[tuple[Tensor, Hidden]]:
+        """Run over a long text (one sequence of token ids) in pieces of ``READ_CHUNK``,
+        so activations stay small: yields each piece's features (T_i, D) and the state
+        after it. The same numbers as one call over the whole text."""
+        device = next(self.parameters()).device
+        for i in range(0, len(ids), READ_CHUNK):
+            features, hidden = self(torch.tensor([ids[i:i + READ_CHUNK]], device=device), hidden)
+            yield features[0], hidden
 
     def nll(self, features: Tensor, targets: Tensor) -> Tensor:
         """Negative log-likelihood of each target: (..., D), (...) -> (...)."""

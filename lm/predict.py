@@ -85,7 +85,6 @@ from lm.tokenizer import Tokenizer
 TAIL = 64  # positions behind the end whose LSTM state is kept (backspace, edits)
 STRIDE = 64  # further back, one state every STRIDE positions: an edit there replays < STRIDE words
 MEMO = 4  # recent positions whose distribution is kept: backspacing over a space is free
-CHUNK = 4096  # words per model call when feeding long text (bounds activation memory)
 WARMUP = 1000  # words of a learned text read before the part the memory keeps
 RAMP = 50  # the memory holding M words gets the weight lambda * M / (M + RAMP)
 MAX_TEXT_BYTES = 4 << 20  # of a file read as a prompt or to learn from: its last 4 MiB
@@ -410,10 +409,8 @@ class Predictor:
         """Features (T, D) of the model over ``ids`` from ``state``, and the state after."""
         self.model_calls += 1
         features = []
-        for i in range(0, len(ids), CHUNK):
-            x = torch.tensor([ids[i:i + CHUNK]], device=self.device)  # (1, T)
-            f, state = self.model(x, state)  # (1, T, D)
-            features.append(f[0].float().cpu())
+        for f, state in self.model.read(ids, state):
+            features.append(f.float().cpu())
         return torch.cat(features), state
 
     # -- session memory ------------------------------------------------------------------

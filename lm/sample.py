@@ -8,8 +8,6 @@ import torch
 from lm.model import LSTMLM
 from lm.tokenizer import Tokenizer
 
-PROMPT_CHUNK = 4096  # prompt tokens per model call
-
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> int:
@@ -41,14 +39,13 @@ def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperatu
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    prompt = list(prompt)
-    hidden = None
-    for i in range(0, len(prompt), PROMPT_CHUNK):  # a long prompt in pieces: activations stay small
-        features, hidden = model(torch.tensor([prompt[i:i + PROMPT_CHUNK]], device=device), hidden)  # (1, T, D)
+    for features, hidden in model.read(list(prompt)):  # only the last piece's features are needed
+        pass
     for n in range(max_tokens):
         if n:
             features, hidden = model(torch.tensor([[token]], device=device), hidden)
-        logits = model.log_probs(features[0, -1]).float().cpu()  # (V,): log-probs are valid logits
+            features = features[0]
+        logits = model.log_probs(features[-1]).float().cpu()  # (V,): log-probs are valid logits
         if banned:
             logits[list(banned)] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)

@@ -28,7 +28,7 @@ endpoint            request fields (default)            answer
 Probabilities are the model's (with the session memory mixed in, see ``lm.predict``);
 words come in natural text with the typed casing. Limits: a body of at most 256 KiB,
 ``text`` at most 20,000 characters, ``k`` 1-100, ``words`` 1-8, ``max_words`` 1-1000,
-``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` above 0 and at most 1, ``seed``
+``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` 1e-6 to 1, ``seed``
 0 to 2**63 - 1. Anything else, an unknown field, a wrong type (``true`` is not a number)
 or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
 path ``404``, a wrong method ``405``, a body too large ``413``, no Content-Length ``411``.
@@ -73,7 +73,7 @@ FIELDS: dict[str, dict[str, tuple]] = {
                  "words": (_INT, 3, 1, MAX_PHRASE_WORDS)},
     "/generate": {"text": (_STR, "", 0, MAX_TEXT), "max_words": (_INT, 50, 1, MAX_GENERATE),
                   "temperature": (_FLOAT, 1.0, 0.0, 100.0), "top_k": (_INT, 0, 0, 1 << 31),
-                  "top_p": (_FLOAT, 1.0, 0.0, 1.0), "seed": (_INT, 0, 0, (1 << 63) - 1)},
+                  "top_p": (_FLOAT, 1.0, 1e-6, 1.0), "seed": (_INT, 0, 0, (1 << 63) - 1)},
 }
 
 
@@ -112,8 +112,6 @@ def validate(path: str, body: object) -> dict:
         if kind != _STR and not lo <= v <= hi:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be between {lo} and {hi}, got {v}")
         out[name] = v
-    if path == "/generate" and out["top_p"] <= 0:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "top_p must be above 0")
     return out
 
 

@@ -90,3 +90,19 @@ def test_fast_tied_gradients_equal_plain_autograd(head):
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
     assert not m.embedding.weight.grad.is_sparse  # optimizers and clipping see a dense gradient
+
+
+def test_reading_a_long_text_in_pieces_equals_one_call(monkeypatch):
+    import lm.model
+
+    torch.manual_seed(0)
+    model = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=12, cutoffs=[5, 10]), 30).eval()
+    ids = torch.randint(0, 30, (23,)).tolist()
+    with torch.no_grad():
+        whole, hidden = model(torch.tensor([ids]))
+        monkeypatch.setattr(lm.model, "READ_CHUNK", 5)
+        pieces = list(model.read(ids))
+    assert [f.shape[0] for f, _ in pieces] == [5, 5, 5, 5, 3]
+    assert torch.allclose(torch.cat([f for f, _ in pieces]), whole[0], atol=1e-6)
+    for (h, c), (h2, c2) in zip(hidden, pieces[-1][1]):
+        assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(c, c2, atol=1e-6)

@@ -40,12 +40,12 @@ def test_text_stream_pieces_add_up_to_the_rendered_text():
 
 
 def test_a_long_prompt_read_in_pieces_gives_the_same_text(tiny_run, monkeypatch):
-    from lm import sample
+    from lm import model as lm_model
 
     _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
     prompt = [tok.eos_id] + tok.encode_line("the cat sat on the mat . the old man looked at a tree . my")
     whole = list(generate(model, prompt, 30, seed=2))
-    monkeypatch.setattr(sample, "PROMPT_CHUNK", 3)
+    monkeypatch.setattr(lm_model, "READ_CHUNK", 3)
     assert list(generate(model, prompt, 30, seed=2)) == whole
 
 

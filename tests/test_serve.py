@@ -74,7 +74,7 @@ def test_answers(server, proto):
     ("/next", {"text": "a", "k": 101}, 400, "k must be between"),
     ("/next", {"text": "a" * (MAX_TEXT + 1)}, 400, "at most 20,000"),
     ("/phrases", {"text": "a", "words": 9}, 400, "words must be between 1 and 8"),
-    ("/generate", {"top_p": 0}, 400, "top_p must be above 0"),
+    ("/generate", {"top_p": 0}, 400, "top_p must be between 1e-06 and 1.0, got 0"),
     ("/generate", {"temperature": -1}, 400, "temperature must be between"),
     ("/generate", b'{"temperature": NaN}', 400, "temperature must be a number"),
     ("/generate", {"max_words": 10**6}, 400, "max_words must be between"),
