@@ -91,22 +91,22 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     from lm.config import ModelConfig, TokenizerConfig
     from lm.data import load_tokenizer, token_stream
     from lm.model import LSTMLM, detach
-    from lm.train import native_bf16, set_threads
+    from lm.train import bf16_autocast, set_threads
 
     set_threads(0)
     corpus = open_corpus(base)
     tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
     data = batchify(token_stream(corpus, "train", tok), batch)
-    variants = [("full", "full", False), ("adaptive", "adaptive", False)]
-    if native_bf16(torch.device("cpu")):
-        variants.append(("adaptive_bf16", "adaptive", True))
+    variants = [("full", "full", None), ("adaptive", "adaptive", None)]
+    if bf16 := bf16_autocast(torch.device("cpu")):
+        variants.append(("adaptive_bf16", "adaptive", bf16))
     runs = {}
-    for name, head, bf16 in variants:
+    for name, head, autocast in variants:
         torch.manual_seed(0)
         net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": head}), tok.vocab_size)
         runs[name] = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=1.0),
                       "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0,
-                      "autocast": torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()}
+                      "autocast": autocast or nullcontext()}
 
     def step(r: dict, timed: bool) -> None:
         _, x, y = next(r["windows"])
@@ -173,7 +173,7 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     from lm.config import ModelConfig, TokenizerConfig
     from lm.data import load_tokenizer, token_stream
     from lm.model import LSTMLM, detach
-    from lm.train import native_bf16, set_threads
+    from lm.train import bf16_autocast, set_threads
 
     set_threads(0)
     corpus = open_corpus(base)
@@ -182,8 +182,8 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     torch.manual_seed(0)
     model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head="adaptive"), tok.vocab_size).train()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    bf16 = native_bf16(torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    bf16 = bf16_autocast(torch.device("cpu"))
+    autocast = bf16 or nullcontext()
     t = {"data": 0.0, "lstm": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
     hid = None
     for i in range(steps + 2):

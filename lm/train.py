@@ -46,7 +46,7 @@ FAIL_IN_SAVE = "LM_FAIL_IN_SAVE"  # SIGKILL it inside the save at that step: tem
 NAN_AT_STEP = "LM_NAN_AT_STEP"  # comma-separated steps whose loss becomes NaN; a step listed n times, its first n runs
 ROLLBACK_LR_FACTOR = 0.5  # each rollback after a non-finite loss multiplies the learning rate by this
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_rollbacks", "save_every", "patience", "log_every", "threads",
-             "device"}
+             "device", "bf16"}
 
 
 def build_config(*layers: dict) -> Config:
@@ -83,9 +83,14 @@ def native_bf16(device: torch.device) -> bool:
     with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return device.type == "cpu" and any(check is not None and check() for check in checks)
+
+
+def bf16_autocast(device: torch.device) -> torch.autocast | None:
+    """The bf16 autocast context training uses on ``device``, or None where bf16 is not
+    native there (weights, gradients and optimiser state stay fp32 either way)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if native_bf16(device) else None
 
 
 def keep_freed_memory() -> bool:
@@ -192,7 +197,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     threads = set_threads(tc.threads or max(1, len(os.sched_getaffinity(0)) // world))
     device = pick_device(tc.device, rank)
-    bf16 = tc.bf16 and native_bf16(device)
+    autocast = bf16_autocast(device) if tc.bf16 else None
 
     corpus = open_corpus(dc.corpus, strict=dc.strict, held_out=dc.held_out)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt else load_tokenizer(corpus, cfg.tokenizer)
@@ -257,7 +262,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
         log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
-            f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if bf16 else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
+            f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if autocast else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
 
     def disk_full_hint() -> str:
         return ("free some space or fix the permissions, then " +
@@ -314,7 +319,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
     deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with _stop_requests() as requested:
         while state["epoch"] <= tc.epochs and not stop:
             epoch = state["epoch"]
@@ -332,7 +336,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                     lr *= x.size(1) / dc.bptt
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with autocast:
+                with autocast or nullcontext():
                     features, hidden, raw = model(x, detach(hidden) if hidden else None, return_raw=True)
                     nll = model.nll(features, y).float().mean()
                 if nan_at[state["step"] + 1]:  # fault injection (LM_NAN_AT_STEP)
