@@ -54,10 +54,8 @@ def check_settings(method: str, lr: float, decay: float, bptt: int) -> None:
 
 
 def _learner(model: LSTMLM) -> LSTMLM:
-    """A copy to take gradients on: eval mode (no dropout, as when scoring), dense
-    embedding gradients (the update touches every parameter anyway)."""
+    """A copy to take gradients on: eval mode (no dropout, as when scoring)."""
     work = copy.deepcopy(model).eval()
-    work.embedding.sparse = False
     for p in work.parameters():
         p.requires_grad_(True)
     return work

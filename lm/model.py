@@ -34,9 +34,9 @@ class LSTMLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, H, L = cfg.emb_dim, cfg.hidden_dim, cfg.n_layers
-        # Tied, the head's gradient for the shared matrix is dense anyway, so the lookup's
-        # gradient is kept sparse (its rows are added in, not a zero-filled copy).
-        self.embedding = nn.Embedding(vocab_size, E, sparse=cfg.tie_weights)
+        # Training looks words up with ``lookup`` (its gradient rows go straight into
+        # weight.grad); the module holds the matrix and serves no-grad lookups.
+        self.embedding = nn.Embedding(vocab_size, E)
         # AWD-style sizes: with tying, the last layer outputs E so its features meet
         # the (shared) embedding vectors in the head.
         sizes = [H] * (L - 1) + [E if cfg.tie_weights else H]
@@ -53,7 +53,8 @@ class LSTMLM(nn.Module):
         """x: (B, T) token ids -> features (B, T, D) and the new hidden state; with
         ``return_raw`` also the last layer's output before dropout (for TAR)."""
         cfg, train = self.cfg, self.training
-        h = embedding_dropout(self.embedding, x, cfg.dropout_embed, train)  # (B, T, E)
+        h = embedding_dropout(lookup(self.embedding.weight, x), x, self.embedding.num_embeddings,
+                              cfg.dropout_embed, train)  # (B, T, E)
         h = locked_dropout(h, cfg.dropout_input, train)
         new_hidden: Hidden = []
         for i, layer in enumerate(self.layers):
@@ -218,6 +219,47 @@ class AdaptiveSoftmax(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+def lookup(weight: Tensor, words: Tensor) -> Tensor:
+    """``weight[words]``; under autograd the rows' gradients are added straight into
+    ``weight.grad`` (see ``_Lookup``), so ``backward()`` gives the usual ``.grad``."""
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        return F.embedding(words, weight)
+    return _Lookup.apply(words, weight.detach().requires_grad_(), (weight,))
+
+
+class _Lookup(torch.autograd.Function):
+    """An embedding lookup whose backward adds the looked-up rows' gradients into
+    ``weight.grad`` itself.
+
+    A tied matrix gets two gradients: the head's, dense, and the lookup's, a few
+    rows. Returned to autograd, the two are summed into a new embedding-sized tensor
+    (the engine adds a sparse gradient to a dense one out of place), which took a seventh
+    of a CPU training step. Here the head's gradient becomes ``weight.grad`` untouched and
+    the rows are added into it (``index_add_``); if the lookup's backward happens to run
+    first it starts from zeros, and autograd then adds the head's gradient in place, so
+    the result never depends on the order. The weight reaches ``forward`` twice: a
+    detached alias that requires grad (so that autograd calls ``backward``; it gets no
+    gradient) and, hidden from autograd inside a tuple, the parameter whose ``.grad``
+    is written. ``torch.autograd.grad`` therefore does not see the lookup's part; this
+    project only uses ``backward()``."""
+
+    @staticmethod
+    def forward(ctx, words: Tensor, alias: Tensor, hidden: tuple[Tensor]) -> Tensor:
+        ctx.save_for_backward(words)
+        ctx.weight = hidden[0]
+        return F.embedding(words, alias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (words,) = ctx.saved_tensors
+        weight = ctx.weight
+        with torch.no_grad():
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, words.reshape(-1), grad.reshape(-1, grad.size(-1)).to(weight.dtype))
+        return None, None, None
+
+
 def _rows(linear: nn.Module, h: Tensor) -> Tensor:
     """Apply a quantised linear map (which takes 2-D input only) to (..., D) features."""
     return linear(h.reshape(-1, h.size(-1))).view(*h.shape[:-1], -1)
@@ -239,22 +281,23 @@ class _BlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, sizes: tuple[int, ...], *inputs: Tensor):
-        ctx.sizes = sizes
-        ctx.save_for_backward(weight, *inputs)
-        return tuple(x @ w.to(x.dtype).t() for x, w in zip(inputs, weight.split(sizes)))
+        ctx.sizes, ctx.weight_dtype = sizes, weight.dtype
+        # Under autocast the activations are bf16: cast the matrix once, for both passes.
+        cast = weight.to(inputs[0].dtype)
+        ctx.save_for_backward(cast, *inputs)
+        return tuple(x @ w.t() for x, w in zip(inputs, cast.split(sizes)))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        weight, *inputs = ctx.saved_tensors
-        blocks = weight.split(ctx.sizes)
+        cast, *inputs = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.empty_like(weight)
+            grad_weight = cast.new_empty(cast.shape, dtype=ctx.weight_dtype)
             for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
                 if g.dtype == out.dtype and x.dtype == out.dtype:
                     torch.mm(g.t(), x, out=out)
-                else:  # autocast: low-precision activations, fp32 weight
+                else:  # autocast: bf16 product, fp32 gradient (faster than an fp32 product)
                     out.copy_(g.t() @ x.to(g.dtype))
         grad_inputs = [g @ w.to(g.dtype) if need else None
-                       for g, w, need in zip(grads, blocks, ctx.needs_input_grad[2:])]
+                       for g, w, need in zip(grads, cast.split(ctx.sizes), ctx.needs_input_grad[2:])]
         return (grad_weight, None, *grad_inputs)

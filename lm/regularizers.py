@@ -18,16 +18,16 @@ def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * mask
 
 
-def embedding_dropout(embedding: nn.Embedding, words: Tensor, p: float, training: bool) -> Tensor:
+def embedding_dropout(vectors: Tensor, words: Tensor, vocab_size: int, p: float, training: bool) -> Tensor:
     """Drop whole word types: every occurrence of a dropped word in the batch gets a zero
-    vector, the rest are scaled by 1 / (1 - p). words: (B, T) -> (B, T, E).
+    vector, the rest are scaled by 1 / (1 - p). vectors: (B, T, E), the embeddings of
+    words: (B, T) -> (B, T, E).
 
     The mask is drawn for the whole vocabulary but applied to the looked-up rows only,
     which equals masking the embedding matrix without touching its 33k x E entries."""
-    vectors = embedding(words)
     if not training or p == 0:
         return vectors
-    keep = vectors.new_empty(embedding.num_embeddings).bernoulli_(1 - p) / (1 - p)  # (V,)
+    keep = vectors.new_empty(vocab_size).bernoulli_(1 - p) / (1 - p)  # (V,)
     return vectors * keep[words].unsqueeze(-1)
 
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig
-from lm.model import AdaptiveSoftmax, LSTMLM
+from lm.model import AdaptiveSoftmax, LSTMLM, lookup
 
 V = 50
 
@@ -66,10 +67,13 @@ def test_cutoffs_beyond_the_vocabulary_are_dropped():
 
 
 @pytest.mark.parametrize("head", ["adaptive", "full"])
-def test_fast_tied_gradients_equal_plain_autograd(head):
-    """The fused block kernel and the sparse lookup gradient give the same gradients as
-    differentiating the full log-softmax through ordinary autograd, including clusters
-    that no target falls in (their rows still get the softmax's gradient)."""
+def test_fast_tied_gradients_equal_plain_autograd(head, monkeypatch):
+    """The fused block kernel and the lookup that writes into ``weight.grad`` give the
+    same gradients as ordinary autograd (a plain embedding lookup, the full
+    log-softmax), including clusters that no target falls in (their rows still get the
+    softmax's gradient)."""
+    import lm.model
+
     m = model(head=head).train()
     torch.manual_seed(0)
     x = torch.randint(0, V, (4, 9))
@@ -77,6 +81,8 @@ def test_fast_tied_gradients_equal_plain_autograd(head):
     y[0, 0] = 12
     grads = []
     for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(lm.model, "lookup", lambda weight, words: F.embedding(words, weight))
         m.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         features, _ = m(x)
@@ -85,11 +91,25 @@ def test_fast_tied_gradients_equal_plain_autograd(head):
         else:
             loss = -m.log_probs(features).gather(-1, y.unsqueeze(-1)).sum()
         loss.backward()
-        grads.append({n: p.grad.to_dense() for n, p in m.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
-    assert not m.embedding.weight.grad.is_sparse  # optimizers and clipping see a dense gradient
+
+
+def test_lookup_gradient_lands_in_weight_grad_alone_and_accumulates():
+    """Without a head using the matrix, the lookup's rows still make the gradient (from
+    zeros); a second backward adds to it, as autograd does; no-grad lookups are plain."""
+    weight = torch.randn(10, 3, requires_grad=True)
+    words = torch.tensor([[1, 4, 1], [9, 0, 4]])
+    coef = torch.randn(2, 3, 3)
+    expected = torch.zeros(10, 3).index_add_(0, words.reshape(-1), coef.reshape(-1, 3))
+    (lookup(weight, words) * coef).sum().backward()
+    torch.testing.assert_close(weight.grad, expected)
+    (lookup(weight, words) * coef).sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * expected)
+    with torch.no_grad():
+        assert torch.equal(lookup(weight, words), weight[words])
 
 
 def test_reading_a_long_text_in_pieces_equals_one_call(monkeypatch):

@@ -18,12 +18,12 @@ def test_locked_dropout_uses_one_mask_for_every_time_step():
 def test_embedding_dropout_drops_whole_word_types():
     emb = nn.Embedding(50, 8)
     words = torch.tensor([[3, 7, 3, 3, 7, 9] * 5])
-    out = embedding_dropout(emb, words, 0.5, training=True)
     base = emb(words)
+    out = embedding_dropout(base, words, 50, 0.5, training=True)
     scale = (out / base)[..., 0]  # one factor per position, 0 or 2
     for w in (3, 7, 9):
         assert len(set(scale[words == w].tolist())) == 1  # every occurrence treated alike
-    assert torch.equal(embedding_dropout(emb, words, 0.5, training=False), base)
+    assert torch.equal(embedding_dropout(base, words, 50, 0.5, training=False), base)
 
 
 def test_weight_drop_layer_equals_plain_lstm_in_eval_and_drops_connections_in_training():
