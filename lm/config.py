@@ -75,7 +75,8 @@ class ModelConfig:
     weight_drop: float = opt(0.0, "DropConnect on the hidden-to-hidden matrices (AWD-LSTM: 0.5)")
     tie_weights: bool = opt(True, "share the embedding matrix with the output layer")
     head: str = opt("adaptive", "output head: adaptive (fast, exact) or full softmax")
-    cutoffs: list[int] = opt([2000, 10000], "adaptive head cluster boundaries (word ids, frequency order)")
+    cutoffs: list[int] = opt([500, 1500, 4000, 10000, 20000],
+                             "adaptive head cluster boundaries (word ids, frequency order)")
 
     def validate(self) -> None:
         _between("emb_dim", self.emb_dim, 1, 65536)

@@ -37,7 +37,6 @@ from its vocabulary entry (``@-@`` typed as "-") is offered only at its start.
 """
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -48,10 +47,10 @@ from tqdm import tqdm
 
 from lm.errors import ConfigError, DataError
 from lm.model import LSTMLM
+from lm.predict import WordIndex
 from lm.tokenizer import Tokenizer
 
 ACCURACY_KS = (1, 3, 5)
-_LAST = "\U0010ffff"  # sorts after every character: prefix + _LAST bounds a prefix's range
 
 
 @dataclass(frozen=True)
@@ -125,11 +124,9 @@ class Ranker:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        special = {tokenizer.unk_id, tokenizer.eos_id}
-        pairs = sorted((w, i) for i, w in enumerate(tokenizer.words) if i not in special)
-        self.words = [w for w, _ in pairs]
-        self.ids = torch.tensor([i for _, i in pairs], dtype=torch.long)  # (S,) ids in string order
-        self.special = special
+        self.index = WordIndex(tokenizer)  # the same word order and prefix ranges as suggestions
+        self.ids = self.index.sorted_ids  # (S,) suggestable ids in string order
+        self.special = {tokenizer.unk_id, tokenizer.eos_id}
         self._arange = torch.arange(tokenizer.vocab_size)
         self._ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
 
@@ -142,11 +139,9 @@ class Ranker:
         each proper prefix of it."""
         key = (token.word, token.surface)
         if key not in self._ranges:
-            out = [(0, len(self.words))]
+            out = [(0, self.ids.numel())]
             if token.surface == token.word:
-                for j in range(1, len(token.word)):
-                    p = token.word[:j]
-                    out.append((bisect.bisect_left(self.words, p), bisect.bisect_left(self.words, p + _LAST)))
+                out += [self.index.exact_range(token.word[:j]) for j in range(1, len(token.word))]
             self._ranges[key] = out
         return self._ranges[key]
 

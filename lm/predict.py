@@ -151,6 +151,11 @@ def case_mode(prefix: str) -> str:
     return "exact"
 
 
+def _prefix_range(keys: list[str], prefix: str) -> tuple[int, int]:
+    lo = bisect.bisect_left(keys, prefix)
+    return lo, bisect.bisect_left(keys, prefix + _LAST, lo)
+
+
 class WordIndex:
     """The vocabulary arranged for suggestions. Built once per model (about 0.1 s for
     33k words) and shared by every predictor over it: the server makes one predictor
@@ -199,10 +204,19 @@ class WordIndex:
         case mode."""
         mode = case_mode(prefix)
         keys, ids = self._exact if mode == "exact" else self._folded
-        key = prefix if mode == "exact" else prefix.lower()
-        lo = bisect.bisect_left(keys, key)
-        hi = bisect.bisect_left(keys, key + _LAST, lo)
+        lo, hi = _prefix_range(keys, prefix if mode == "exact" else prefix.lower())
         return ids[lo:hi], mode
+
+    @property
+    def sorted_ids(self) -> Tensor:
+        """The suggestable ids in string order: the words with a given prefix are one
+        contiguous run of it (``exact_range``)."""
+        return self._exact[1]
+
+    def exact_range(self, prefix: str) -> tuple[int, int]:
+        """[lo, hi): where the words starting with ``prefix`` (as typed) lie in
+        ``sorted_ids``."""
+        return _prefix_range(self._exact[0], prefix)
 
     def next_words(self, log_probs: Tensor, k: int) -> list[Choice]:
         """The k most likely next words from (V,) log-probabilities."""

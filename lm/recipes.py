@@ -20,7 +20,8 @@ RECIPES: dict[str, dict] = {
     "wt2-cpu": {
         "description": "WikiText-2, the best perplexity in 60 minutes on a 2-core CPU",
         "data": {"corpus": "wikitext-2", "batch_size": 64, "bptt": 35},
-        "model": {"emb_dim": 256, "hidden_dim": 512, "n_layers": 2, "head": "adaptive", "cutoffs": [2000, 10000],
+        "model": {"emb_dim": 256, "hidden_dim": 512, "n_layers": 2, "head": "adaptive",
+                  "cutoffs": [500, 1500, 4000, 10000, 20000],
                   "dropout": 0.4, "dropout_hidden": 0.25, "dropout_input": 0.4, "dropout_embed": 0.1,
                   "weight_drop": 0.4},
         "train": {"optimizer": "sgd", "lr": 20.0, "epochs": 100, "max_minutes": 60.0, "anneal": 0.5,

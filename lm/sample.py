@@ -1,6 +1,7 @@
 """Sampling: a pure ``sample_next`` and the ``generate`` generator over it."""
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -39,8 +40,7 @@ def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperatu
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    for features, hidden in model.read(list(prompt)):  # only the last piece's features are needed
-        pass
+    features, hidden = deque(model.read(list(prompt)), maxlen=1)[0]  # the last piece's
     for n in range(max_tokens):
         if n:
             features, hidden = model(torch.tensor([[token]], device=device), hidden)
