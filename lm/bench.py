@@ -91,7 +91,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     from lm.config import ModelConfig, TokenizerConfig
     from lm.data import load_tokenizer, token_stream
     from lm.model import LSTMLM, detach
-    from lm.train import bf16_autocast, set_threads
+    from lm.train import bf16_autocast, clipped_step, set_threads
 
     set_threads(0)
     corpus = open_corpus(base)
@@ -106,7 +106,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": head}), tok.vocab_size)
         runs[name] = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=1.0),
                       "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0,
-                      "autocast": autocast or nullcontext()}
+                      "autocast": autocast or nullcontext(), "params": list(net.parameters())}
 
     def step(r: dict, timed: bool) -> None:
         _, x, y = next(r["windows"])
@@ -116,8 +116,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
             loss = r["model"].nll(features, y).float().mean()
         r["opt"].zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 0.25)
-        r["opt"].step()
+        clipped_step(r["opt"], r["params"], 0.25)
         if timed:
             r["seconds"] += time.perf_counter() - t0
             r["tokens"] += y.numel()
@@ -173,7 +172,7 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     from lm.config import ModelConfig, TokenizerConfig
     from lm.data import load_tokenizer, token_stream
     from lm.model import LSTMLM, detach
-    from lm.train import bf16_autocast, set_threads
+    from lm.train import bf16_autocast, clipped_step, set_threads
 
     set_threads(0)
     corpus = open_corpus(base)
@@ -181,7 +180,8 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     windows = bptt_windows(batchify(token_stream(corpus, "train", tok), batch), bptt)
     torch.manual_seed(0)
     model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head="adaptive"), tok.vocab_size).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1.0)
     bf16 = bf16_autocast(torch.device("cpu"))
     autocast = bf16 or nullcontext()
     t = {"data": 0.0, "lstm": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
@@ -201,8 +201,7 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
             loss = model.nll(features, y).float().mean()
         loss.backward()
         t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
+        clipped_step(opt, params, 0.25)
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
         if timed:

@@ -271,6 +271,14 @@ def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor]) -> list
     return list(_BlockLinear.apply(weight, tuple(sizes), *inputs))
 
 
+# Under autocast, a block whose input has at most this many rows (a rare-word cluster's
+# share of a batch) gets its weight gradient from an fp32 product written straight into
+# the gradient tensor; with more rows, from a bf16 product and a copy. Side by side
+# (bf16 training steps, interleaved): +16% tokens/s on the 2x200 model at batch 20x35,
+# where most clusters see a few hundred rows; no change on the wt2-cpu model at 64x35.
+FP32_GRAD_ROWS = 512
+
+
 class _BlockLinear(torch.autograd.Function):
     """Autograd through ``weight.split`` makes each block's gradient separately and then
     concatenates them into a new embedding-sized tensor; with a tied embedding that
@@ -296,7 +304,9 @@ class _BlockLinear(torch.autograd.Function):
             for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
                 if g.dtype == out.dtype and x.dtype == out.dtype:
                     torch.mm(g.t(), x, out=out)
-                else:  # autocast: bf16 product, fp32 gradient (faster than an fp32 product)
+                elif x.size(0) <= FP32_GRAD_ROWS:  # autocast, few rows: an fp32 product straight into place
+                    torch.mm(g.t().to(out.dtype), x.to(out.dtype), out=out)
+                else:  # autocast, many rows: a bf16 product (faster), copied into the fp32 gradient
                     out.copy_(g.t() @ x.to(g.dtype))
         grad_inputs = [g @ w.to(g.dtype) if need else None
                        for g, w, need in zip(grads, cast.split(ctx.sizes), ctx.needs_input_grad[2:])]

@@ -151,6 +151,35 @@ def make_optimizer(tc, model: torch.nn.Module, lr: float, averaging: bool) -> to
     return torch.optim.SGD(params, lr=lr, weight_decay=tc.weight_decay)
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float) -> None:
+    """Clip the global gradient norm of ``params`` to ``clip`` (0 = no clipping), then step.
+
+    For plain SGD on the CPU (no weight decay, the usual case) the clip's scale goes into
+    the step's learning rate instead of into the gradients: the same update, one pass
+    over every gradient less (about 2% of a step). Elsewhere, ``clip_grad_norm_`` then
+    the optimiser's own step (on a GPU, a float learning rate would cost a sync)."""
+    if not clip:
+        optimizer.step()
+        return
+    folds = (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
+             and not optimizer.param_groups[0]["weight_decay"] and not optimizer.param_groups[0]["momentum"]
+             and params and params[0].device.type == "cpu")
+    if not folds:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    scale = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient, clamped the same way
+    group = optimizer.param_groups[0]
+    lr = group["lr"]
+    group["lr"] = lr * scale
+    try:
+        optimizer.step()
+    finally:
+        group["lr"] = lr
+
+
 @contextmanager
 def averaged_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, on: bool):
     """Swap the averaged weights of ASGD in (for evaluation and checkpoints), then back."""
@@ -250,7 +279,8 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
         restore(ckpt)
     good = ckpt or capture(None)  # the last good state: what a non-finite loss rolls back to
     saved_step = state["step"] if ckpt else None  # the step last.pt holds, for messages
-    n_params = sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
     metrics_path = run_dir / "metrics.jsonl"
     if lead:
         try:
@@ -319,6 +349,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
     deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
+    log_s = 0.0  # training seconds (evaluations left out) since the last log record, before t0
     with _stop_requests() as requested:
         while state["epoch"] <= tc.epochs and not stop:
             epoch = state["epoch"]
@@ -347,9 +378,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 loss.backward()
                 if world > 1:  # the ranks' losses ride along, so that all of them see a NaN at once
                     nll_everywhere = _average_gradients(model, world, nll.detach())
-                if tc.clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
-                optimizer.step()
+                clipped_step(optimizer, params, tc.clip)
                 state["step"] += 1
                 state["pos"] = pos + x.size(1)
                 value = nll.item()  # the step's one host sync, which the log needs anyway
@@ -364,11 +393,11 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 bar.update(y.numel())
                 if state["step"] % tc.log_every == 0:
                     avg = state["log_loss"] / state["log_tokens"]
-                    rate = state["log_tokens"] * world / (time.monotonic() - t0)
+                    rate = state["log_tokens"] * world / (log_s + time.monotonic() - t0)
                     log_metrics({"step": state["step"], "epoch": epoch, "loss": avg, "lr": lr, "tokens_per_s": rate})
                     bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{lr:.3g}",
                                     tok_s=f"{rate:,.0f}")
-                    state["log_loss"], state["log_tokens"], t0 = 0.0, 0, time.monotonic()
+                    state["log_loss"], state["log_tokens"], t0, log_s = 0.0, 0, time.monotonic(), 0.0
                 state["elapsed"] = time.monotonic() - start
                 if tc.save_every and state["step"] % tc.save_every == 0:
                     if not _all_finite(model, optimizer, world):
@@ -386,6 +415,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 if stop:
                     break
             bar.close()
+            log_s += time.monotonic() - t0
             if not trouble and not _all_finite(model, optimizer, world):  # a finite loss can still break them
                 trouble = "the weights became non-finite"
             if trouble:

@@ -152,3 +152,20 @@ def test_training_into_an_existing_run_is_refused_so_nothing_is_lost(tiny_run, t
     proc = run_lm("train", "--corpus", tiny_corpus, "--run", tiny_run, "--max-steps", 1)
     assert_one_line_error(proc, 2, "already holds a run: continue it with --resume")
     assert (tiny_run / "best.pt").read_bytes() == before
+
+
+def test_any_garbage_bytes_are_a_checkpoint_error_not_a_crash(tmp_path):
+    """Random bytes break torch's unpickler in many ways (IndexError, KeyError, ...);
+    every one of them is the one-line 'truncated or corrupt' error, never a traceback.
+    Seeded, so the same 300 files every run."""
+    import random
+
+    from lm import checkpoint
+    from lm.errors import CheckpointError
+
+    rng = random.Random(7)
+    for i in range(300):
+        path = tmp_path / f"garbage{i}.pt"
+        path.write_bytes(rng.randbytes(rng.choice((8, 64, 4096))))
+        with pytest.raises(CheckpointError, match="garbage"):
+            checkpoint.load(path)

@@ -126,3 +126,27 @@ def test_reading_a_long_text_in_pieces_equals_one_call(monkeypatch):
     assert torch.allclose(torch.cat([f for f, _ in pieces]), whole[0], atol=1e-6)
     for (h, c), (h2, c2) in zip(hidden, pieces[-1][1]):
         assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(c, c2, atol=1e-6)
+
+
+def test_block_linear_under_bf16_gives_the_fp32_gradient_of_the_bf16_product(monkeypatch):
+    """With bf16 inputs (autocast) the fp32 weight gradient comes from an fp32 product for
+    small blocks and from a bf16 product for large ones; both equal the exact gradient
+    of the bf16 computation to bf16's precision, blocks and rows in their places."""
+    import lm.model
+    from lm.model import block_linear
+
+    torch.manual_seed(0)
+    sizes = [5, 7, 3]
+    weight = torch.randn(sum(sizes), 8, requires_grad=True)
+    inputs = [torch.randn(n, 8).to(torch.bfloat16) for n in (40, 3, 0)]  # a block with no rows too
+    coef = [torch.randn(n, s) for n, s in zip((40, 3, 0), sizes)]
+    expected = torch.cat([c.double().t() @ x.double() for c, x in zip(coef, inputs)])
+    for rows in (0, 8, 1000):  # every block by the bf16 product, mixed, every block in fp32
+        monkeypatch.setattr(lm.model, "FP32_GRAD_ROWS", rows)
+        weight.grad = None
+        outs = block_linear(weight, sizes, inputs)
+        assert [o.dtype for o in outs] == [torch.bfloat16] * 3
+        sum((o.float() * c).sum() for o, c in zip(outs, coef)).backward()
+        assert weight.grad.dtype == torch.float32
+        torch.testing.assert_close(weight.grad.double(), expected, rtol=2e-2, atol=5e-2)
+        assert torch.equal(weight.grad[12:], torch.zeros(3, 8))

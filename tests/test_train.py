@@ -103,3 +103,47 @@ def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tiny_run, t
     with pytest.raises(CheckpointError, match="not finite"):
         checkpoint.save(bad, path)
     assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp*"))
+
+
+def _clip_case(weight_decay=0.0, scale=1.0, optimizer=torch.optim.SGD, **opt_args):
+    """Two identical little models with the same gradients (times ``scale``): one to step
+    with clipped_step, one with clip_grad_norm_ then the optimiser's own step."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(11, 7)
+    for net in nets:
+        (net(x).pow(2).sum() * scale).backward()
+    opts = [optimizer(net.parameters(), lr=0.7, weight_decay=weight_decay, **opt_args) for net in nets]
+    return nets, opts
+
+
+def test_clipped_step_is_clip_grad_norm_then_step():
+    from lm.train import clipped_step
+
+    for scale in (10.0, 1e-4):  # the norm far above the clip, and below it
+        for optimizer, wd, args in ((torch.optim.SGD, 0.0, {}), (torch.optim.SGD, 0.1, {}),
+                                    (torch.optim.AdamW, 0.0, {}), (torch.optim.ASGD, 0.0, {"t0": 0, "lambd": 0.0})):
+            (folded, plain), (opt_f, opt_p) = _clip_case(wd, scale, optimizer, **args)
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()]))
+            assert (norm > 0.25) == (scale > 1)
+            clipped_step(opt_f, list(folded.parameters()), 0.25)
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.25)
+            opt_p.step()
+            for a, b in zip(folded.parameters(), plain.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            assert opt_f.param_groups[0]["lr"] == 0.7  # the folded scale does not stay in the group
+
+
+def test_clipped_step_without_clip_is_the_plain_step_and_keeps_non_finite_gradients_visible():
+    from lm.train import clipped_step
+
+    (a, b), (opt_a, opt_b) = _clip_case()
+    clipped_step(opt_a, list(a.parameters()), 0.0)
+    opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    (a, _), (opt_a, _) = _clip_case()
+    next(a.parameters()).grad[0, 0] = float("inf")
+    clipped_step(opt_a, list(a.parameters()), 0.25)
+    assert not all(torch.isfinite(p).all() for p in a.parameters())  # the trainer's finiteness check sees it
