@@ -274,9 +274,9 @@ def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor]) -> list
 # Under autocast, a block whose input has at most this many rows (a rare-word cluster's
 # share of a batch) gets its weight gradient from an fp32 product written straight into
 # the gradient tensor; with more rows, from a bf16 product and a copy. Side by side
-# (bf16 training steps, interleaved): +16% tokens/s on the 2x200 model at batch 20x35,
-# where most clusters see a few hundred rows; no change on the wt2-cpu model at 64x35.
-FP32_GRAD_ROWS = 512
+# (bf16 training steps, interleaved): +10% tokens/s on the 2x200 model at batch 20x35,
+# +2% on the wt2-cpu model at 64x35 (with 512 rows: +11% and -1%).
+FP32_GRAD_ROWS = 128
 
 
 class _BlockLinear(torch.autograd.Function):
