@@ -156,7 +156,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], c
 
     For plain SGD on the CPU (no weight decay, the usual case) the clip's scale goes into
     the step's learning rate instead of into the gradients: the same update, one pass
-    over every gradient less (+6% and +7% tokens/s on the 2x200 and wt2-cpu models,
+    over every gradient less (+6% and +7.5% tokens/s on the 2x200 and wt2-cpu models,
     measured side by side). Elsewhere, ``clip_grad_norm_`` then
     the optimiser's own step (on a GPU, a float learning rate would cost a sync)."""
     if not clip:
