@@ -302,9 +302,8 @@ class _BlockLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_weight = cast.new_empty(cast.shape, dtype=ctx.weight_dtype)
             for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
-                if g.dtype == out.dtype and x.dtype == out.dtype:
-                    torch.mm(g.t(), x, out=out)
-                elif x.size(0) <= FP32_GRAD_ROWS:  # autocast, few rows: an fp32 product straight into place
+                if g.dtype == x.dtype == out.dtype or x.size(0) <= FP32_GRAD_ROWS:
+                    # fp32 (or, under autocast, few rows): the product straight into place
                     torch.mm(g.t().to(out.dtype), x.to(out.dtype), out=out)
                 else:  # autocast, many rows: a bf16 product (faster), copied into the fp32 gradient
                     out.copy_(g.t() @ x.to(g.dtype))
