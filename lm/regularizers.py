@@ -9,13 +9,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def keep_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """A dropout mask of ``shape``: each entry 1 / (1 - p) with probability 1 - p, else 0,
+    in ``like``'s dtype and device.
+
+    Drawn as ``uniform >= p`` rather than with ``bernoulli_``: on a CPU, ``bernoulli_``
+    with a scalar probability draws one number at a time (12 ms for the wt2-cpu model's
+    1.3M hidden-to-hidden weights, 9% of its training step), while ``torch.rand`` is
+    vectorised (3.4 ms). Same distribution."""
+    keep = torch.rand(shape, device=like.device) >= p
+    return keep.to(like.dtype).mul_(1 / (1 - p))
+
+
 def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Variational dropout: one mask per sequence and unit, the same at every time step.
     x: (B, T, H)."""
     if not training or p == 0:
         return x
-    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p) / (1 - p)  # (B, 1, H)
-    return x * mask
+    return x * keep_mask((x.size(0), 1, x.size(2)), p, x)  # (B, 1, H) mask
 
 
 def embedding_dropout(vectors: Tensor, words: Tensor, vocab_size: int, p: float, training: bool) -> Tensor:
@@ -27,7 +38,7 @@ def embedding_dropout(vectors: Tensor, words: Tensor, vocab_size: int, p: float,
     which equals masking the embedding matrix without touching its 33k x E entries."""
     if not training or p == 0:
         return vectors
-    keep = vectors.new_empty(vocab_size).bernoulli_(1 - p) / (1 - p)  # (V,)
+    keep = keep_mask((vocab_size,), p, vectors)  # (V,)
     return vectors * keep[words].unsqueeze(-1)
 
 
@@ -48,7 +59,10 @@ class LSTMLayer(nn.LSTM):
         if not (self.training and self.weight_drop > 0):
             return super().forward(x, state)
         w_ih, w_hh, b_ih, b_hh = self._flat_weights
-        w_hh = F.dropout(w_hh, self.weight_drop, training=True)
+        if w_hh.is_cuda:  # one fused kernel there
+            w_hh = F.dropout(w_hh, self.weight_drop, training=True)
+        else:
+            w_hh = w_hh * keep_mask(w_hh.shape, self.weight_drop, w_hh)
         weights = [w_ih, w_hh, b_ih, b_hh]
         if x.is_cuda:
             weights = _packed(weights)

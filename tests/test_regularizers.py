@@ -3,8 +3,19 @@ import warnings
 import torch
 from torch import nn
 
-from lm.regularizers import (LSTMLayer, _packed, activation_reg, embedding_dropout, locked_dropout,
+from lm.regularizers import (LSTMLayer, _packed, activation_reg, embedding_dropout, keep_mask, locked_dropout,
                              temporal_activation_reg)
+
+
+def test_keep_mask_keeps_a_fraction_1_minus_p_scaled_by_1_over_1_minus_p():
+    torch.manual_seed(0)
+    for p, dtype in ((0.4, torch.float32), (0.25, torch.bfloat16), (0.9, torch.float32)):
+        mask = keep_mask((400, 500), p, torch.empty(0, dtype=dtype))
+        assert mask.shape == (400, 500) and mask.dtype == dtype
+        assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p), dtype=dtype).item()}
+        kept = (mask > 0).double().mean().item()
+        assert abs(kept - (1 - p)) < 4 * ((p * (1 - p)) / mask.numel()) ** 0.5  # within 4 standard errors
+        assert abs(mask.double().mean().item() - 1) < 0.02  # unbiased: E[mask] = 1
 
 
 def test_locked_dropout_uses_one_mask_for_every_time_step():
