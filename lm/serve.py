@@ -60,6 +60,7 @@ from lm.predict import Predictor
 from lm.sample import continue_text
 
 MAX_BODY = 256 << 10  # bytes of a request body
+DRAIN_MAX = 16 << 20  # a larger body up to this is read and dropped before the 413; beyond it, the connection just closes
 MAX_TEXT = 20_000  # characters of ``text``
 MAX_K = 100
 MAX_PHRASE_WORDS = 8
@@ -179,7 +180,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
         if not 0 <= n <= MAX_BODY:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self.close_connection = True
+            self._drain(n)
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {n:,} bytes; at most {MAX_BODY:,}")
         raw = self.rfile.read(n)
         try:
@@ -191,6 +193,19 @@ class Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e.msg} at "
                                                        f"line {e.lineno} column {e.colno}") from None
+
+    def _drain(self, n: int) -> None:
+        """Read and drop a refused body of up to DRAIN_MAX bytes, waiting at most a second
+        for each piece: a client still sending when the connection closes gets a broken
+        pipe instead of the 413. A client that announced a body and sends none is not
+        waited for."""
+        left = n if 0 < n <= DRAIN_MAX else 0
+        self.connection.settimeout(1.0)
+        try:
+            while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
+                left -= len(chunk)
+        except OSError:  # timed out or reset: answer anyway
+            pass
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length", "0")
