@@ -48,12 +48,25 @@ class LSTMLM(nn.Module):
         else:
             self.head = FullSoftmax(sizes[-1], vocab_size, tied)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        self.tied_grad: TiedGradient | None = None  # see defer_tied_gradient
+
+    def defer_tied_gradient(self, on: bool = True) -> TiedGradient | None:
+        """With a tied adaptive head, collect the shared matrix's gradient as factors
+        (``TiedGradient``) instead of in ``embedding.weight.grad``; whoever turns this on
+        must hand the result to ``lm.train.clipped_step``, which applies it. Returns the
+        collector, or None where there is nothing to defer (untied or full softmax)."""
+        head = self.head
+        on = on and isinstance(head, AdaptiveSoftmax) and head.tied is not None
+        self.tied_grad = TiedGradient(self.embedding.weight) if on else None
+        if isinstance(head, AdaptiveSoftmax):
+            head.tied_grad = self.tied_grad
+        return self.tied_grad
 
     def forward(self, x: Tensor, hidden: Hidden | None = None, return_raw: bool = False):
         """x: (B, T) token ids -> features (B, T, D) and the new hidden state; with
         ``return_raw`` also the last layer's output before dropout (for TAR)."""
         cfg, train = self.cfg, self.training
-        h = embedding_dropout(lookup(self.embedding.weight, x), x, self.embedding.num_embeddings,
+        h = embedding_dropout(lookup(self.embedding.weight, x, self.tied_grad), x, self.embedding.num_embeddings,
                               cfg.dropout_embed, train)  # (B, T, E)
         h = locked_dropout(h, cfg.dropout_input, train)
         new_hidden: Hidden = []
@@ -152,6 +165,7 @@ class AdaptiveSoftmax(nn.Module):
         # Inference-only int8 maps set by lm.quantize: [head, tail 0, tail 1, ...], each
         # features -> logits, with the bias and the tail's projection folded in.
         self.int8: nn.ModuleList | None = None
+        self.tied_grad: TiedGradient | None = None  # set by LSTMLM.defer_tied_gradient
 
     def _sizes(self) -> list[int]:
         return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
@@ -194,7 +208,8 @@ class AdaptiveSoftmax(nn.Module):
         if self.tied is not None and self.int8 is None:
             # One kernel for every block of the shared matrix: its backward writes all
             # block gradients into a single embedding-sized tensor.
-            word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))])
+            word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))],
+                                       self.tied_grad)
             head = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1)
             head_lp = F.log_softmax(head if self.head_bias is None else head + self.head_bias, dim=-1)
             tail_logits = [t if self.head_bias is None else t + b for t, b in zip(word_logits[1:], self.out_bias)]
@@ -219,12 +234,13 @@ class AdaptiveSoftmax(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def lookup(weight: Tensor, words: Tensor) -> Tensor:
+def lookup(weight: Tensor, words: Tensor, sink: TiedGradient | None = None) -> Tensor:
     """``weight[words]``; under autograd the rows' gradients are added straight into
-    ``weight.grad`` (see ``_Lookup``), so ``backward()`` gives the usual ``.grad``."""
+    ``weight.grad`` (see ``_Lookup``), so ``backward()`` gives the usual ``.grad``, or,
+    with a ``sink``, handed to it."""
     if not (weight.requires_grad and torch.is_grad_enabled()):
         return F.embedding(words, weight)
-    return _Lookup.apply(words, weight.detach().requires_grad_(), (weight,))
+    return _Lookup.apply(words, weight.detach().requires_grad_(), (weight, sink))
 
 
 class _Lookup(torch.autograd.Function):
@@ -244,15 +260,18 @@ class _Lookup(torch.autograd.Function):
     project only uses ``backward()``."""
 
     @staticmethod
-    def forward(ctx, words: Tensor, alias: Tensor, hidden: tuple[Tensor]) -> Tensor:
+    def forward(ctx, words: Tensor, alias: Tensor, hidden: tuple) -> Tensor:
         ctx.save_for_backward(words)
-        ctx.weight = hidden[0]
+        ctx.weight, ctx.sink = hidden
         return F.embedding(words, alias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (words,) = ctx.saved_tensors
         weight = ctx.weight
+        if ctx.sink is not None:
+            ctx.sink.add_rows(words, grad)
+            return None, None, None
         with torch.no_grad():
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
@@ -265,10 +284,12 @@ def _rows(linear: nn.Module, h: Tensor) -> Tensor:
     return linear(h.reshape(-1, h.size(-1))).view(*h.shape[:-1], -1)
 
 
-def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor]) -> list[Tensor]:
+def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor],
+                 sink: TiedGradient | None = None) -> list[Tensor]:
     """``inputs[j] @ W_j.T`` for the row blocks ``W_j`` of ``weight`` (split by ``sizes``);
-    an input may have zero rows."""
-    return list(_BlockLinear.apply(weight, tuple(sizes), *inputs))
+    an input may have zero rows. With a ``sink``, the weight's gradient goes to it as
+    factors instead of to autograd."""
+    return list(_BlockLinear.apply(weight, (tuple(sizes), sink), *inputs))
 
 
 # Under autocast, a block whose input has at most this many rows (a rare-word cluster's
@@ -288,8 +309,9 @@ class _BlockLinear(torch.autograd.Function):
     with no rows writes zeros)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, sizes: tuple[int, ...], *inputs: Tensor):
-        ctx.sizes, ctx.weight_dtype = sizes, weight.dtype
+    def forward(ctx, weight: Tensor, how: tuple, *inputs: Tensor):
+        (sizes, ctx.sink), ctx.weight_dtype = how, weight.dtype
+        ctx.sizes = sizes
         # Under autocast the activations are bf16: cast the matrix once, for both passes.
         cast = weight.to(inputs[0].dtype)
         ctx.save_for_backward(cast, *inputs)
@@ -299,7 +321,9 @@ class _BlockLinear(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):
         cast, *inputs = ctx.saved_tensors
         grad_weight = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.sink is not None:
+            ctx.sink.add_blocks(ctx.sizes, grads, inputs)
+        elif ctx.needs_input_grad[0]:
             grad_weight = cast.new_empty(cast.shape, dtype=ctx.weight_dtype)
             for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
                 if g.dtype == x.dtype == out.dtype or x.size(0) <= FP32_GRAD_ROWS:
@@ -310,3 +334,115 @@ class _BlockLinear(torch.autograd.Function):
         grad_inputs = [g @ w.to(g.dtype) if need else None
                        for g, w, need in zip(grads, cast.split(ctx.sizes), ctx.needs_input_grad[2:])]
         return (grad_weight, None, *grad_inputs)
+
+
+class TiedGradient:
+    """One step's gradient of a tied matrix, kept as the factors it is made of.
+
+    A tied adaptive head's gradient is, per row block j (the shortlist, each cluster),
+    ``G_j^T X_j``: G_j (n_j, V_j) the logits' gradients, X_j (n_j, D) the inputs, n_j the
+    batch's tokens in that cluster; plus the looked-up rows' gradients added at their
+    words. Written out, it is an embedding-sized fp32 tensor that the clip then reads
+    once for its norm and SGD once more for the update, while n_j is a few dozen against
+    D in the hundreds. Kept as factors, the norm comes from small Gram matrices
+    (``||G^T X||^2 = sum((G G^T) * (X X^T))``) and the update goes straight into the
+    weight (``apply``). ``lm.train.clipped_step`` does both for plain SGD and otherwise
+    writes the gradient out into ``weight.grad`` (``materialize``), so every optimiser
+    still sees the usual gradient. Entries from several backward passes add up."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.clear()
+
+    def clear(self) -> None:
+        self.blocks: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}  # (lo, hi) -> [(G, X)]
+        self.words: list[Tensor] = []
+        self.rows: list[Tensor] = []
+        self._ready: tuple | None = None
+
+    def pending(self) -> bool:
+        return bool(self.blocks or self.words)
+
+    def add_blocks(self, sizes: Sequence[int], grads: Sequence[Tensor | None], inputs: Sequence[Tensor]) -> None:
+        lo = 0
+        for size, g, x in zip(sizes, grads, inputs):
+            if g is not None and g.size(0):
+                self.blocks.setdefault((lo, lo + size), []).append((g.detach(), x.detach()))
+            lo += size
+        self._ready = None
+
+    def add_rows(self, words: Tensor, grad: Tensor) -> None:
+        self.words.append(words.reshape(-1))
+        self.rows.append(grad.detach().reshape(-1, grad.size(-1)))
+        self._ready = None
+
+    def _prepare(self) -> tuple:
+        """Blocks as (lo, hi, G, X, product or None); the looked-up words (unique, sorted)
+        and their summed gradient rows."""
+        if self._ready is None:
+            blocks = []
+            for (lo, hi), parts in sorted(self.blocks.items()):
+                dtype = parts[0][0].dtype if all(g.dtype == parts[0][0].dtype for g, _ in parts) else torch.float32
+                g = torch.cat([g.to(dtype) for g, _ in parts])
+                x = torch.cat([x.to(dtype) for _, x in parts])
+                blocks.append([lo, hi, g, x, None])
+            dim, dtype = self.weight.size(1), self.weight.dtype
+            if self.words:
+                uniq, where = torch.unique(torch.cat(self.words), return_inverse=True)
+                summed = torch.zeros(uniq.numel(), dim, dtype=dtype).index_add_(0, where, torch.cat(self.rows).to(dtype))
+            else:
+                uniq, summed = torch.zeros(0, dtype=torch.long), torch.zeros(0, dim, dtype=dtype)
+            self._ready = (blocks, uniq, summed)
+        return self._ready
+
+    def _product(self, g: Tensor, x: Tensor) -> Tensor:
+        """G^T X in the weight's dtype (a bf16 product for many rows, as _BlockLinear)."""
+        if g.dtype == self.weight.dtype or g.size(0) <= FP32_GRAD_ROWS:
+            return torch.mm(g.t().to(self.weight.dtype), x.to(self.weight.dtype))
+        return (g.t() @ x).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def norm_sq(self) -> Tensor:
+        """The squared Frobenius norm of the whole gradient (an fp32 scalar)."""
+        blocks, uniq, summed = self._prepare()
+        total = summed.float().pow(2).sum()
+        for block in blocks:
+            lo, hi, g, x, _ = block
+            mine = (uniq >= lo) & (uniq < hi)
+            words, rows = uniq[mine] - lo, summed[mine].float()
+            n, size, dim = g.size(0), hi - lo, x.size(1)
+            if n * (size + dim) < size * dim:  # the Gram matrices are smaller than the block
+                gf, xf = g.float(), x.float()
+                total += ((gf @ gf.t()) * (xf @ xf.t())).sum()
+                if words.numel():  # cross terms with the looked-up rows: 2 <G^T X, rows>
+                    total += 2 * ((gf[:, words].t() @ xf) * rows).sum()
+            else:  # written out (kept for apply)
+                block[4] = product = self._product(g, x)
+                total += product.float().pow(2).sum()
+                if words.numel():
+                    total += 2 * (product[words].float() * rows).sum()
+        return total
+
+    @torch.no_grad()
+    def apply(self, alpha: float, out: Tensor | None = None) -> None:
+        """``out += alpha * gradient`` (``out`` defaults to the weight), then clear."""
+        out = self.weight if out is None else out
+        blocks, uniq, summed = self._prepare()
+        for lo, hi, g, x, product in blocks:
+            if product is not None:
+                out[lo:hi].add_(product, alpha=alpha)
+            elif g.dtype == out.dtype or g.size(0) <= FP32_GRAD_ROWS:
+                out[lo:hi].addmm_(g.t().to(out.dtype), x.to(out.dtype), alpha=alpha)
+            else:
+                out[lo:hi].add_(g.t() @ x, alpha=alpha)
+        if uniq.numel():
+            out.index_add_(0, uniq, summed.to(out.dtype), alpha=alpha)
+        self.clear()
+
+    def materialize(self) -> None:
+        """Add the gradient into ``weight.grad`` (the usual place), then clear."""
+        if self.pending():
+            weight = self.weight
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            self.apply(1.0, weight.grad)

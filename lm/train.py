@@ -36,7 +36,7 @@ from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
 from lm.errors import CheckpointError, ConfigError, DataError, LMError
 from lm.evaluate import evaluate, perplexity
-from lm.model import LSTMLM, detach
+from lm.model import LSTMLM, TiedGradient, detach
 from lm.regularizers import activation_reg, temporal_activation_reg
 from lm.tokenizer import Tokenizer
 
@@ -151,34 +151,45 @@ def make_optimizer(tc, model: torch.nn.Module, lr: float, averaging: bool) -> to
     return torch.optim.SGD(params, lr=lr, weight_decay=tc.weight_decay)
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float) -> None:
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float,
+                 tied: TiedGradient | None = None) -> None:
     """Clip the global gradient norm of ``params`` to ``clip`` (0 = no clipping), then step.
 
     For plain SGD on the CPU (no weight decay, the usual case) the clip's scale goes into
     the step's learning rate instead of into the gradients: the same update, one pass
     over every gradient less (+6% and +7.5% tokens/s on the 2x200 and wt2-cpu models,
-    measured side by side). Elsewhere, ``clip_grad_norm_`` then
-    the optimiser's own step (on a GPU, a float learning rate would cost a sync)."""
-    if not clip:
-        optimizer.step()
-        return
-    folds = (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
-             and not optimizer.param_groups[0]["weight_decay"] and not optimizer.param_groups[0]["momentum"]
-             and params and params[0].device.type == "cpu")
-    if not folds:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    scale = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient, clamped the same way
+    measured side by side); and a tied matrix's gradient collected as factors (``tied``,
+    see ``LSTMLM.defer_tied_gradient``) is never written out: its norm comes from the
+    factors and the update goes straight into the weight. Elsewhere the factors are
+    written into the weight's ``.grad``, then ``clip_grad_norm_`` and the optimiser's own
+    step (on a GPU, a float learning rate would cost a sync)."""
     group = optimizer.param_groups[0]
+    folds = (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
+             and not group["weight_decay"] and not group["momentum"]
+             and params and params[0].device.type == "cpu")
+    if tied is not None and tied.pending() and (not folds or tied.weight.grad is not None):
+        tied.materialize()  # the optimiser's own step takes it (or it adds to a gradient already there)
+    if not folds:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return
+    deferred = tied is not None and tied.pending()
+    scale = 1.0
+    if clip:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if deferred:
+            norm = math.sqrt(norm ** 2 + float(tied.norm_sq()))
+        scale = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient, clamped the same way
     lr = group["lr"]
     group["lr"] = lr * scale
     try:
         optimizer.step()
     finally:
         group["lr"] = lr
+    if deferred:
+        tied.apply(-lr * scale)
 
 
 @contextmanager
@@ -240,6 +251,8 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     columns = data.size(1) - 1  # input positions per lane and epoch
 
     model = LSTMLM(cfg.model, tokenizer.vocab_size).to(device)
+    # A tied adaptive head's shared gradient as factors, applied by clipped_step (CPU, one process)
+    tied = model.defer_tied_gradient(world == 1 and device.type == "cpu")
     state = {"epoch": 1, "pos": 0, "step": 0, "lr": tc.lr, "best_val_loss": math.inf, "bad_evals": 0,
              "val_history": [], "averaging": False, "elapsed": 0.0, "epoch_loss": 0.0, "epoch_tokens": 0,
              "log_loss": 0.0, "log_tokens": 0, "hidden": None, "rollbacks": 0}
@@ -376,10 +389,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                     nll = nll * math.nan
                 loss = nll + activation_reg(features, tc.alpha) + temporal_activation_reg(raw, tc.beta)
                 optimizer.zero_grad(set_to_none=True)
+                if tied:
+                    tied.clear()
                 loss.backward()
                 if world > 1:  # the ranks' losses ride along, so that all of them see a NaN at once
                     nll_everywhere = _average_gradients(model, world, nll.detach())
-                clipped_step(optimizer, params, tc.clip)
+                clipped_step(optimizer, params, tc.clip, tied)
                 state["step"] += 1
                 state["pos"] = pos + x.size(1)
                 value = nll.item()  # the step's one host sync, which the log needs anyway

@@ -147,3 +147,60 @@ def test_clipped_step_without_clip_is_the_plain_step_and_keeps_non_finite_gradie
     next(a.parameters()).grad[0, 0] = float("inf")
     clipped_step(opt_a, list(a.parameters()), 0.25)
     assert not all(torch.isfinite(p).all() for p in a.parameters())  # the trainer's finiteness check sees it
+
+
+def _tied_case(deferred: bool, autocast: bool, optimizer=torch.optim.SGD, backwards: int = 1, scale: float = 1.0):
+    """A small tied adaptive model after ``backwards`` backward passes (same dropout masks
+    either way), with its shared gradient collected as factors or written into .grad."""
+    from lm.config import ModelConfig
+    from lm.model import LSTMLM
+
+    torch.manual_seed(0)
+    net = LSTMLM(ModelConfig(emb_dim=24, hidden_dim=32, head="adaptive", cutoffs=[30, 120, 400]), 900)
+    tied = net.defer_tied_gradient(deferred)
+    words = torch.randint(0, 900, (6, 9))
+    words[0, :4] = torch.tensor([850, 850, 5, 200])  # looked-up rows in the shortlist and in clusters, repeated
+    targets = torch.randint(0, 900, (6, 9))
+    targets[1, :3] = torch.tensor([850, 200, 5])  # the same words in the head's blocks
+    opt = optimizer(net.parameters(), lr=0.5)
+    for i in range(backwards):
+        torch.manual_seed(1 + i)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features, _ = net(words)
+            loss = net.nll(features, targets).float().mean() * scale
+        loss.backward()
+    return net, opt, tied
+
+
+def test_deferred_tied_gradient_gives_the_same_step_as_the_written_out_gradient():
+    from lm.model import TiedGradient
+    from lm.train import clipped_step
+
+    for autocast in (False, True):
+        for clip, scale, backwards in ((0.25, 1.0, 1), (0.25, 1e-4, 1), (0.0, 1.0, 1), (0.25, 1.0, 2)):
+            plain, opt_p, none = _tied_case(False, autocast, backwards=backwards, scale=scale)
+            fact, opt_f, tied = _tied_case(True, autocast, backwards=backwards, scale=scale)
+            assert none is None and isinstance(tied, TiedGradient) and tied.pending()
+            assert fact.embedding.weight.grad is None  # nothing written out
+            # the factors' norm is the written-out gradient's norm
+            dense = plain.embedding.weight.grad
+            torch.testing.assert_close(tied.norm_sq().sqrt(), dense.norm(), rtol=1e-4, atol=0)
+            clipped_step(opt_p, list(plain.parameters()), clip)
+            clipped_step(opt_f, list(fact.parameters()), clip, tied)
+            assert not tied.pending() and fact.embedding.weight.grad is None
+            tol = dict(rtol=0, atol=1e-6) if not autocast else dict(rtol=0, atol=2e-4 * 0.5 * 0.25)
+            for (name, a), b in zip(plain.named_parameters(), fact.parameters()):
+                torch.testing.assert_close(a, b, **tol, msg=f"{name} (autocast {autocast}, clip {clip}, scale {scale})")
+
+
+def test_deferred_tied_gradient_is_written_out_for_other_optimisers():
+    from lm.train import clipped_step
+
+    for optimizer in (torch.optim.AdamW, torch.optim.ASGD):
+        plain, opt_p, _ = _tied_case(False, False, optimizer)
+        fact, opt_f, tied = _tied_case(True, False, optimizer)
+        clipped_step(opt_f, list(fact.parameters()), 0.25, tied)  # writes .grad, clips, steps
+        clipped_step(opt_p, list(plain.parameters()), 0.25)
+        torch.testing.assert_close(fact.embedding.weight.grad, plain.embedding.weight.grad, rtol=1e-5, atol=1e-8)
+        for a, b in zip(plain.parameters(), fact.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
