@@ -163,8 +163,9 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
                        bptt: int = 35, steps: int = 12) -> dict:
     """Where a training step's time goes, for the default model: data (the next BPTT
     window), LSTM (embedding and LSTM layers, forward and backward), head (softmax
-    forward and backward, and accumulating the tied gradient) and optimizer (clipping and
-    the update). The LSTM part is timed by a pass through the layers alone on the same
+    forward and backward) and optimizer (clipping and the update; with the tied gradient
+    kept as factors, as ``lm train`` runs it on a CPU, this includes forming the shared
+    matrix's gradient products, which the head's backward no longer does). The LSTM part is timed by a pass through the layers alone on the same
     batch, interleaved with the full steps; the head is the rest of forward+backward.
     The precision is training's: bf16 autocast where the CPU has native bf16."""
     import torch

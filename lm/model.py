@@ -207,7 +207,8 @@ class AdaptiveSoftmax(nn.Module):
         rows = [(cluster == i + 1).nonzero().squeeze(1) for i in range(len(self.proj))]
         if self.tied is not None and self.int8 is None:
             # One kernel for every block of the shared matrix: its backward writes all
-            # block gradients into a single embedding-sized tensor.
+            # block gradients into a single embedding-sized tensor (or, with a
+            # TiedGradient, hands it their factors).
             word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))],
                                        self.tied_grad)
             head = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1)
