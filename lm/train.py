@@ -165,7 +165,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], c
     step (on a GPU, a float learning rate would cost a sync)."""
     group = optimizer.param_groups[0]
     folds = (type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
-             and not group["weight_decay"] and not group["momentum"]
+             and not group["weight_decay"] and not group["momentum"] and not group.get("maximize")
              and params and params[0].device.type == "cpu")
     if tied is not None and tied.pending() and (not folds or tied.weight.grad is not None):
         tied.materialize()  # the optimiser's own step takes it (or it adds to a gradient already there)
