@@ -77,14 +77,42 @@ def _cache_child(corpus_dir: str, cache: str) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def _examples_model(vocab_size: int, size: int, dropout: float = 0.2):
+    """pytorch/examples word_language_model's tied LSTM, as its ``main.py`` trains it by
+    default (2 layers, dropout 0.2, sequence-first, log-softmax over the vocabulary),
+    written out here to time its step next to ``lm``'s."""
+    import torch
+    from torch import nn
+
+    class ExamplesLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(dropout)
+            self.encoder = nn.Embedding(vocab_size, size)
+            self.rnn = nn.LSTM(size, size, 2, dropout=dropout)
+            self.decoder = nn.Linear(size, vocab_size)
+            self.decoder.weight = self.encoder.weight
+            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
+
+        def forward(self, words, hidden):  # words: (T, B)
+            out, hidden = self.rnn(self.drop(self.encoder(words)), hidden)
+            return torch.log_softmax(self.decoder(self.drop(out)).view(-1, vocab_size), dim=1), hidden
+
+    return ExamplesLM()
+
+
 def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
                       bptt: int = 35, steps: int = 15, rounds: int = 3, warmup: int = 2,
-                      model: dict | None = None) -> dict:
+                      model: dict | None = None, examples: bool = False) -> dict:
     """Training tokens/s of one architecture with a full softmax and with the adaptive
     head (and, where the CPU has native bf16, the adaptive head under bf16 autocast as
     ``lm train`` runs it), measured side by side in this process: rounds of ``steps``
     steps alternate between them, so drift on a shared machine hits all alike. The full
-    softmax runs in fp32, as pytorch/examples does."""
+    softmax runs in fp32, as pytorch/examples does. With ``examples`` (where the
+    embedding and hidden sizes are equal), pytorch/examples' own training step runs in
+    the rounds too (``_examples_model``: its model, ``clip_grad_norm_`` and its manual
+    SGD update), under the same allocator settings."""
     import torch
 
     from lm.batching import batchify, bptt_windows
@@ -109,7 +137,31 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
                       "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0,
                       "autocast": autocast or nullcontext(), "params": list(net.parameters())}
 
+    if examples and emb == hidden:
+        torch.manual_seed(0)
+        net = _examples_model(tok.vocab_size, emb)
+        runs["examples"] = {"model": net, "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0,
+                            "tokens": 0, "params": list(net.parameters())}
+
+    def examples_step(r: dict) -> int:  # main.py's train(): seq-first batches, its clip and update
+        _, x, y = next(r["windows"])
+        net, hid = r["model"], r["hidden"]
+        net.zero_grad()
+        log_probs, r["hidden"] = net(x.t().contiguous(), tuple(h.detach() for h in hid) if hid else None)
+        torch.nn.functional.nll_loss(log_probs, y.t().reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(r["params"], 0.25)
+        for p in r["params"]:
+            p.data.add_(p.grad, alpha=-1.0)
+        return y.numel()
+
     def step(r: dict, timed: bool) -> None:
+        if "autocast" not in r:
+            t0 = time.perf_counter()
+            n = examples_step(r)
+            if timed:
+                r["seconds"] += time.perf_counter() - t0
+                r["tokens"] += n
+            return
         _, x, y = next(r["windows"])
         t0 = time.perf_counter()
         with r["autocast"]:
@@ -135,6 +187,10 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     if "adaptive_bf16" in rate:
         out["adaptive_bf16_tokens_per_s"] = round(rate["adaptive_bf16"])
         out["speedup_bf16"] = round(rate["adaptive_bf16"] / rate["full"], 2)
+    if "examples" in rate:
+        fastest = rate.get("adaptive_bf16", rate["adaptive"])
+        out["examples_tokens_per_s"] = round(rate["examples"])
+        out["speedup_vs_examples"] = round(fastest / rate["examples"], 2)
     return out
 
 
@@ -308,7 +364,7 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
     want = set(only or BENCHES)
     if "train" in want:
         wt2 = recipe("wt2-cpu")
-        for name, kw in (("train-2x200", {}),
+        for name, kw in (("train-2x200", {"examples": True}),
                          ("train-wt2-cpu", {"emb": wt2["model"]["emb_dim"], "hidden": wt2["model"]["hidden_dim"],
                                             "batch": wt2["data"]["batch_size"], "steps": 6, "model": wt2["model"]})):
             r = bench_train_heads(**kw)
@@ -322,6 +378,12 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
             if bf16:
                 rows.append((f"train tok/s, {r['arch']}, bf16", f"full {r['full_tokens_per_s']:,} / adaptive + bf16 "
                              f"{r['adaptive_bf16_tokens_per_s']:,} = {r['speedup_bf16']:.2f}x", "target >= 8x"))
+            if "examples_tokens_per_s" in r:
+                log(f"  pytorch/examples' own step in the same rounds: {r['examples_tokens_per_s']:,} tok/s; "
+                    f"lm's fastest adaptive is {r['speedup_vs_examples']:.2f}x that")
+                rows.append((f"train tok/s, {r['arch']}: pytorch/examples' own step vs lm's fastest adaptive",
+                             f"examples {r['examples_tokens_per_s']:,} / lm {r.get('adaptive_bf16_tokens_per_s', r['adaptive_tokens_per_s']):,}"
+                             f" = {r['speedup_vs_examples']:.2f}x", "same process and allocator settings"))
     if "profile" in want:
         r = bench_step_profile()
         r["train_peak_rss_mb"] = _child("_train_rss", "40")["peak_rss_mb"]
