@@ -141,7 +141,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         torch.manual_seed(0)
         net = _examples_model(tok.vocab_size, emb)
         runs["examples"] = {"model": net, "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0,
-                            "tokens": 0, "params": list(net.parameters())}
+                            "tokens": 0, "params": list(net.parameters()), "examples": True}
 
     def examples_step(r: dict) -> int:  # main.py's train(): seq-first batches, its clip and update
         _, x, y = next(r["windows"])
@@ -155,7 +155,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         return y.numel()
 
     def step(r: dict, timed: bool) -> None:
-        if "autocast" not in r:
+        if r.get("examples"):
             t0 = time.perf_counter()
             n = examples_step(r)
             if timed:
@@ -221,8 +221,9 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     window), LSTM (embedding and LSTM layers, forward and backward), head (softmax
     forward and backward) and optimizer (clipping and the update; with the tied gradient
     kept as factors, as ``lm train`` runs it on a CPU, this includes forming the shared
-    matrix's gradient products, which the head's backward no longer does). The LSTM part is timed by a pass through the layers alone on the same
-    batch, interleaved with the full steps; the head is the rest of forward+backward.
+    matrix's gradient products, which the head's backward no longer does). The LSTM part
+    is timed by a pass through the layers alone on the same batch, interleaved with the
+    full steps; the head is the rest of forward+backward.
     The precision is training's: bf16 autocast where the CPU has native bf16."""
     import torch
 

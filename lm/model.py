@@ -301,6 +301,13 @@ def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor],
 FP32_GRAD_ROWS = 128
 
 
+def _product_in(dtype: torch.dtype, g: Tensor, x: Tensor) -> bool:
+    """Whether a block's weight gradient ``g^T x`` is best formed in the weight's
+    ``dtype`` itself: its inputs already are, or it has few rows (FP32_GRAD_ROWS);
+    otherwise a bf16 product, then converted."""
+    return g.dtype == x.dtype == dtype or x.size(0) <= FP32_GRAD_ROWS
+
+
 class _BlockLinear(torch.autograd.Function):
     """Autograd through ``weight.split`` makes each block's gradient separately and then
     concatenates them into a new embedding-sized tensor; with a tied embedding that
@@ -327,7 +334,7 @@ class _BlockLinear(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             grad_weight = cast.new_empty(cast.shape, dtype=ctx.weight_dtype)
             for out, x, g in zip(grad_weight.split(ctx.sizes), inputs, grads):
-                if g.dtype == x.dtype == out.dtype or x.size(0) <= FP32_GRAD_ROWS:
+                if _product_in(out.dtype, g, x):
                     # fp32 (or, under autocast, few rows): the product straight into place
                     torch.mm(g.t().to(out.dtype), x.to(out.dtype), out=out)
                 else:  # autocast, many rows: a bf16 product (faster), copied into the fp32 gradient
@@ -397,8 +404,8 @@ class TiedGradient:
         return self._ready
 
     def _product(self, g: Tensor, x: Tensor) -> Tensor:
-        """G^T X in the weight's dtype (a bf16 product for many rows, as _BlockLinear)."""
-        if g.dtype == self.weight.dtype or g.size(0) <= FP32_GRAD_ROWS:
+        """G^T X in the weight's dtype, formed as _BlockLinear forms it."""
+        if _product_in(self.weight.dtype, g, x):
             return torch.mm(g.t().to(self.weight.dtype), x.to(self.weight.dtype))
         return (g.t() @ x).to(self.weight.dtype)
 
@@ -432,7 +439,7 @@ class TiedGradient:
         for lo, hi, g, x, product in blocks:
             if product is not None:
                 out[lo:hi].add_(product, alpha=alpha)
-            elif g.dtype == out.dtype or g.size(0) <= FP32_GRAD_ROWS:
+            elif _product_in(out.dtype, g, x):
                 out[lo:hi].addmm_(g.t().to(out.dtype), x.to(out.dtype), alpha=alpha)
             else:
                 out[lo:hi].add_(g.t() @ x, alpha=alpha)
