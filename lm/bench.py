@@ -103,7 +103,7 @@ def _examples_model(vocab_size: int, size: int, dropout: float = 0.2):
 
 
 def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
-                      bptt: int = 35, steps: int = 15, rounds: int = 3, warmup: int = 2,
+                      bptt: int = 35, steps: int = 15, rounds: int = 5, warmup_s: float = 6.0,
                       model: dict | None = None, examples: bool = False) -> dict:
     """Training tokens/s of one architecture with a full softmax and with the adaptive
     head (and, where the CPU has native bf16, the adaptive head under bf16 autocast as
@@ -112,7 +112,11 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     softmax runs in fp32, as pytorch/examples does. With ``examples`` (where the
     embedding and hidden sizes are equal), pytorch/examples' own training step runs in
     the rounds too (``_examples_model``: its model, ``clip_grad_norm_`` and its manual
-    SGD update), under the same allocator settings."""
+    SGD update), under the same allocator settings. Each variant first trains untimed
+    for ``warmup_s`` seconds (at least two steps): oneDNN builds a kernel for each new
+    matrix shape, and the adaptive head meets a new one whenever a cluster gets a token
+    count it has not had before, so its first hundred-odd steps run up to a third slower
+    than the rest of a training run (the full softmax's shapes never change)."""
     import torch
 
     from lm.batching import batchify, bptt_windows
@@ -175,8 +179,10 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
             r["tokens"] += y.numel()
 
     for r in runs.values():
-        for _ in range(warmup):
+        start, n = time.perf_counter(), 0
+        while n < 2 or time.perf_counter() - start < warmup_s:
             step(r, timed=False)
+            n += 1
     for _ in range(rounds):
         for r in runs.values():
             for _ in range(steps):

@@ -126,7 +126,7 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     from lm.bench import bench_train_heads
     from lm.train import native_bf16
 
-    r = bench_train_heads(str(tiny_corpus), emb=16, hidden=16, batch=4, bptt=8, steps=1, rounds=1, warmup=1,
+    r = bench_train_heads(str(tiny_corpus), emb=16, hidden=16, batch=4, bptt=8, steps=1, rounds=1, warmup_s=0,
                           model={"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]}, examples=True)
     assert r["full_tokens_per_s"] > 0 and r["adaptive_tokens_per_s"] > 0 and r["examples_tokens_per_s"] > 0
     fastest = r.get("adaptive_bf16_tokens_per_s", r["adaptive_tokens_per_s"])

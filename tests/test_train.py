@@ -193,6 +193,49 @@ def test_deferred_tied_gradient_gives_the_same_step_as_the_written_out_gradient(
                 torch.testing.assert_close(a, b, **tol, msg=f"{name} (autocast {autocast}, clip {clip}, scale {scale})")
 
 
+def test_deferred_tied_gradient_keeps_the_bf16_copy_that_forward_uses():
+    """Under autocast the update rewrites the weight's bf16 copy as it goes; the next
+    forward pass uses it while the weight is unchanged, and casts afresh after any
+    other change. Several steps give the same weights as the written-out path."""
+    from lm.config import ModelConfig
+    from lm.model import LSTMLM
+    from lm.train import clipped_step
+
+    def run(deferred: bool, steps: int = 4):
+        torch.manual_seed(0)
+        net = LSTMLM(ModelConfig(emb_dim=24, hidden_dim=32, head="adaptive", cutoffs=[30, 120, 400]), 900)
+        tied = net.defer_tied_gradient(deferred)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        for i in range(steps):
+            torch.manual_seed(10 + i)
+            words, targets = torch.randint(0, 900, (6, 9)), torch.randint(0, 900, (6, 9))
+            targets[0, :2] = torch.tensor([899, 150])  # the last block and a middle one always have tokens
+            if tied is not None:
+                tied.clear()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                features, _ = net(words)
+                loss = net.nll(features, targets).float().mean()
+            loss.backward()
+            clipped_step(opt, list(net.parameters()), 0.25, tied)
+        return net, tied
+
+    plain, _ = run(False)
+    fact, tied = run(True)
+    weight = fact.embedding.weight
+    copy = tied.cast(torch.bfloat16)
+    assert copy is tied._copy and torch.equal(copy, weight.to(torch.bfloat16))  # kept, and current
+    assert tied.cast(torch.float32) is weight
+    for (name, a), b in zip(plain.named_parameters(), fact.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+    with torch.no_grad():
+        weight.mul_(2)  # any other change to the weight (a checkpoint load, a rollback)
+    fresh = tied.cast(torch.bfloat16)
+    assert fresh is not tied._copy and torch.equal(fresh, weight.to(torch.bfloat16))
+    fact.load_state_dict(plain.state_dict())
+    assert torch.equal(tied.cast(torch.bfloat16), plain.embedding.weight.to(torch.bfloat16))
+
+
 def test_deferred_tied_gradient_is_written_out_for_other_optimisers():
     from lm.train import clipped_step
 
