@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,12 +104,14 @@ def _examples_model(vocab_size: int, size: int, dropout: float = 0.2):
 
 
 def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 200, batch: int = 20,
-                      bptt: int = 35, steps: int = 15, rounds: int = 5, warmup_s: float = 6.0,
+                      bptt: int = 35, round_s: float = 3.0, rounds: int = 8, warmup_s: float = 6.0,
                       model: dict | None = None, examples: bool = False) -> dict:
     """Training tokens/s of one architecture with a full softmax and with the adaptive
     head (and, where the CPU has native bf16, the adaptive head under bf16 autocast as
-    ``lm train`` runs it), measured side by side in this process: rounds of ``steps``
-    steps alternate between them, so drift on a shared machine hits all alike. The full
+    ``lm train`` runs it), measured side by side in this process: rounds of ``round_s``
+    seconds of training alternate between them, so drift on a shared machine hits all
+    alike, and each variant's rate is the median of its rounds' rates (a burst of load
+    from elsewhere that slows one round does not count, for any variant). The full
     softmax runs in fp32, as pytorch/examples does. With ``examples`` (where the
     embedding and hidden sizes are equal), pytorch/examples' own training step runs in
     the rounds too (``_examples_model``: its model, ``clip_grad_norm_`` and its manual
@@ -158,14 +161,12 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
             p.data.add_(p.grad, alpha=-1.0)
         return y.numel()
 
-    def step(r: dict, timed: bool) -> None:
+    def step(r: dict) -> tuple[int, float]:
+        """One training step of a variant: (tokens, seconds)."""
         if r.get("examples"):
             t0 = time.perf_counter()
             n = examples_step(r)
-            if timed:
-                r["seconds"] += time.perf_counter() - t0
-                r["tokens"] += n
-            return
+            return n, time.perf_counter() - t0
         _, x, y = next(r["windows"])
         t0 = time.perf_counter()
         with r["autocast"]:
@@ -174,20 +175,22 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         r["opt"].zero_grad(set_to_none=True)
         loss.backward()
         clipped_step(r["opt"], r["params"], 0.25, r["tied"])
-        if timed:
-            r["seconds"] += time.perf_counter() - t0
-            r["tokens"] += y.numel()
+        return y.numel(), time.perf_counter() - t0
+
+    def train_for(r: dict, seconds: float, least: int) -> tuple[int, float]:
+        tokens, spent, n = 0, 0.0, 0
+        while n < least or spent < seconds:
+            k, s = step(r)
+            tokens, spent, n = tokens + k, spent + s, n + 1
+        return tokens, spent
 
     for r in runs.values():
-        start, n = time.perf_counter(), 0
-        while n < 2 or time.perf_counter() - start < warmup_s:
-            step(r, timed=False)
-            n += 1
+        train_for(r, warmup_s, 2)
     for _ in range(rounds):
         for r in runs.values():
-            for _ in range(steps):
-                step(r, timed=True)
-    rate = {name: r["tokens"] / r["seconds"] for name, r in runs.items()}
+            tokens, seconds = train_for(r, round_s, 1)
+            r.setdefault("round_rates", []).append(tokens / seconds)
+    rate = {name: statistics.median(r["round_rates"]) for name, r in runs.items()}
     out = {"arch": f"2x{hidden} tied, emb {emb}, batch {batch}x{bptt}", "full_tokens_per_s": round(rate["full"]),
            "adaptive_tokens_per_s": round(rate["adaptive"]), "speedup": round(rate["adaptive"] / rate["full"], 2)}
     if "adaptive_bf16" in rate:
@@ -197,6 +200,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         fastest = rate.get("adaptive_bf16", rate["adaptive"])
         out["examples_tokens_per_s"] = round(rate["examples"])
         out["speedup_vs_examples"] = round(fastest / rate["examples"], 2)
+    out["round_tokens_per_s"] = {name: [round(x) for x in r["round_rates"]] for name, r in runs.items()}
     return out
 
 
@@ -373,7 +377,7 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
         wt2 = recipe("wt2-cpu")
         for name, kw in (("train-2x200", {"examples": True}),
                          ("train-wt2-cpu", {"emb": wt2["model"]["emb_dim"], "hidden": wt2["model"]["hidden_dim"],
-                                            "batch": wt2["data"]["batch_size"], "steps": 6, "model": wt2["model"]})):
+                                            "batch": wt2["data"]["batch_size"], "model": wt2["model"]})):
             r = bench_train_heads(**kw)
             results[name] = r
             bf16 = (f", adaptive + bf16 {r['adaptive_bf16_tokens_per_s']:,} tok/s: {r['speedup_bf16']:.2f}x"

@@ -1,5 +1,6 @@
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -126,10 +127,13 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     from lm.bench import bench_train_heads
     from lm.train import native_bf16
 
-    r = bench_train_heads(str(tiny_corpus), emb=16, hidden=16, batch=4, bptt=8, steps=1, rounds=1, warmup_s=0,
+    r = bench_train_heads(str(tiny_corpus), emb=16, hidden=16, batch=4, bptt=8, round_s=0, rounds=2, warmup_s=0,
                           model={"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]}, examples=True)
     assert r["full_tokens_per_s"] > 0 and r["adaptive_tokens_per_s"] > 0 and r["examples_tokens_per_s"] > 0
     fastest = r.get("adaptive_bf16_tokens_per_s", r["adaptive_tokens_per_s"])
     assert math.isclose(r["speedup_vs_examples"], fastest / r["examples_tokens_per_s"], rel_tol=0.02)
     assert math.isclose(r["speedup"], r["adaptive_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02)
     assert ("speedup_bf16" in r) == native_bf16(torch.device("cpu"))
+    rounds = r["round_tokens_per_s"]  # each variant's rate is the median of its rounds
+    assert all(len(v) == 2 for v in rounds.values())
+    assert abs(r["full_tokens_per_s"] - statistics.median(rounds["full"])) <= 1
