@@ -378,7 +378,10 @@ class TiedGradient:
 
     def cast(self, dtype: torch.dtype) -> Tensor:
         """The weight in ``dtype``: the copy ``apply`` keeps, if the weight has not
-        changed since, else a fresh cast (and ``apply`` keeps one from then on)."""
+        changed since, else a fresh cast (and ``apply`` keeps one from then on). "Changed"
+        is read from the weight's version counter, which every in-place change bumps
+        (optimisers, ``load_state_dict``, ``copy_`` under ``no_grad``) except one made
+        through ``weight.data``, which this project never does to a tied weight."""
         weight = self.weight
         if dtype == weight.dtype:
             return weight
