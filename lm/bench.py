@@ -141,14 +141,14 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
         net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": head}), tok.vocab_size)
         runs[name] = {"model": net, "opt": torch.optim.SGD(net.parameters(), lr=1.0),
                       "tied": net.defer_tied_gradient(),  # as lm train runs it on a CPU (None for the full softmax)
-                      "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0, "tokens": 0,
+                      "windows": bptt_windows(data, bptt), "hidden": None, "round_rates": [],
                       "autocast": autocast or nullcontext(), "params": list(net.parameters())}
 
     if examples and emb == hidden:
         torch.manual_seed(0)
         net = _examples_model(tok.vocab_size, emb)
-        runs["examples"] = {"model": net, "windows": bptt_windows(data, bptt), "hidden": None, "seconds": 0.0,
-                            "tokens": 0, "params": list(net.parameters()), "examples": True}
+        runs["examples"] = {"model": net, "windows": bptt_windows(data, bptt), "hidden": None, "round_rates": [],
+                            "params": list(net.parameters()), "examples": True}
 
     def examples_step(r: dict) -> int:  # main.py's train(): seq-first batches, its clip and update
         _, x, y = next(r["windows"])
@@ -189,7 +189,7 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     for _ in range(rounds):
         for r in runs.values():
             tokens, seconds = train_for(r, round_s, 1)
-            r.setdefault("round_rates", []).append(tokens / seconds)
+            r["round_rates"].append(tokens / seconds)
     rate = {name: statistics.median(r["round_rates"]) for name, r in runs.items()}
     out = {"arch": f"2x{hidden} tied, emb {emb}, batch {batch}x{bptt}", "full_tokens_per_s": round(rate["full"]),
            "adaptive_tokens_per_s": round(rate["adaptive"]), "speedup": round(rate["adaptive"] / rate["full"], 2)}
