@@ -211,18 +211,17 @@ class AdaptiveSoftmax(nn.Module):
             # TiedGradient, hands it their factors).
             word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))],
                                        self.tied_grad)
-            head = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1)
-            head_lp = F.log_softmax(head if self.head_bias is None else head + self.head_bias, dim=-1)
-            tail_logits = [t if self.head_bias is None else t + b for t, b in zip(word_logits[1:], self.out_bias)]
-        else:
-            head_lp = F.log_softmax(self._head_logits(h), dim=-1)
-            tail_logits = [self._tail_logits(i, h[r]) for i, r in enumerate(rows)]
+            head, head_bias = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1), self.head_bias
+            biases = list(self.out_bias) if self.head_bias is not None else [None] * len(rows)
+            tails = list(zip(word_logits[1:], biases))
+        else:  # the biases are in the logits already
+            head, head_bias = self._head_logits(h), None
+            tails = [(self._tail_logits(i, h[r]), None) for i, r in enumerate(rows)]
         head_index = torch.where(cluster == 0, target, self.bounds[1] + cluster - 1)
-        out = -head_lp.gather(1, head_index.unsqueeze(1)).squeeze(1)
-        for i, (r, logits) in enumerate(zip(rows, tail_logits)):
+        out = softmax_nll(head, head_index, head_bias)
+        for i, (r, (logits, bias)) in enumerate(zip(rows, tails)):
             if r.numel():
-                local = (target[r] - self.bounds[i + 1]).unsqueeze(1)
-                out = out.index_add(0, r, -F.log_softmax(logits, dim=-1).gather(1, local).squeeze(1))
+                out = out.index_add(0, r, softmax_nll(logits, target[r] - self.bounds[i + 1], bias))
         return out
 
     def log_probs(self, h: Tensor) -> Tensor:
@@ -233,6 +232,50 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(len(self.proj)):
             parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h), dim=-1))
         return torch.cat(parts, dim=-1)
+
+
+def softmax_nll(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``-log_softmax(logits + bias)`` at each row's target, in fp32: (N, C), (N,), (C,)
+    -> (N,). Under autograd one ``_SoftmaxNLL`` (see there) instead of a bias add, a
+    log-softmax, a gather and their backward passes; without, a logsumexp."""
+    if torch.is_grad_enabled() and (logits.requires_grad or (bias is not None and bias.requires_grad)):
+        return _SoftmaxNLL.apply(logits, target, bias)
+    z = logits.float() if bias is None else logits.float() + bias
+    return z.logsumexp(1) - z.gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+class _SoftmaxNLL(torch.autograd.Function):
+    """The negative log-likelihood of a softmax, forward and backward in one piece.
+
+    Its gradient with respect to the logits is ``softmax - onehot(target)`` times the
+    incoming gradient; forward keeps the softmax (in place of the logits' fp32 copy) and
+    backward scales it, subtracts at the targets and sums it for the bias. Autograd
+    through ``log_softmax(logits + bias).gather`` makes about twice as many passes over
+    the (N, C) logits: the bias add, the log-softmax, the gather's zero-filled scatter,
+    the log-softmax's backward and the cast back."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, bias: Tensor | None) -> Tensor:
+        z = logits.float()
+        if bias is not None:
+            z = z + bias
+        elif z is logits:
+            z = z.clone()  # overwritten below
+        top = z.amax(1, keepdim=True)
+        picked = z.gather(1, target.unsqueeze(1))
+        total = z.sub_(top).exp_().sum(1, keepdim=True)
+        ctx.save_for_backward(z.div_(total), target)  # the softmax
+        ctx.logits_dtype = logits.dtype
+        return (total.log_() + top - picked).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        probs, target = ctx.saved_tensors
+        g = grad.unsqueeze(1).to(probs.dtype)
+        d = probs * g
+        d.scatter_add_(1, target.unsqueeze(1), -g)
+        grad_bias = d.sum(0) if ctx.needs_input_grad[2] else None
+        return d.to(ctx.logits_dtype) if ctx.needs_input_grad[0] else None, None, grad_bias
 
 
 def lookup(weight: Tensor, words: Tensor, sink: TiedGradient | None = None) -> Tensor:
