@@ -204,25 +204,28 @@ class AdaptiveSoftmax(nn.Module):
     def nll(self, h: Tensor, target: Tensor) -> Tensor:
         """h: (N, D), target: (N,) -> (N,). Only targets' clusters are computed."""
         cluster = torch.bucketize(target, self.cuts, right=True)  # 0 = head, i+1 = tail i
-        rows = [(cluster == i + 1).nonzero().squeeze(1) for i in range(len(self.proj))]
+        # The tokens of every tail cluster, grouped by cluster: one gather of their
+        # features (and one scatter of its gradient) for all the clusters.
+        counts = torch.bincount(cluster, minlength=len(self.bounds) - 1).tolist()
+        tail_rows = torch.argsort(cluster, stable=True)[counts[0]:]
+        xs = h[tail_rows].split(counts[1:])
         if self.tied is not None and self.int8 is None:
             # One kernel for every block of the shared matrix: its backward writes all
             # block gradients into a single embedding-sized tensor (or, with a
             # TiedGradient, hands it their factors).
-            word_logits = block_linear(self.tied, self._sizes(), [h, *(p(h[r]) for p, r in zip(self.proj, rows))],
+            word_logits = block_linear(self.tied, self._sizes(), [h, *(p(x) for p, x in zip(self.proj, xs))],
                                        self.tied_grad)
             head, head_bias = torch.cat([word_logits[0], F.linear(h, self.cluster)], dim=1), self.head_bias
-            biases = list(self.out_bias) if self.head_bias is not None else [None] * len(rows)
+            biases = list(self.out_bias) if self.head_bias is not None else [None] * len(xs)
             tails = list(zip(word_logits[1:], biases))
         else:  # the biases are in the logits already
             head, head_bias = self._head_logits(h), None
-            tails = [(self._tail_logits(i, h[r]), None) for i, r in enumerate(rows)]
+            tails = [(self._tail_logits(i, x), None) for i, x in enumerate(xs)]
         head_index = torch.where(cluster == 0, target, self.bounds[1] + cluster - 1)
         out = softmax_nll(head, head_index, head_bias)
-        for i, (r, (logits, bias)) in enumerate(zip(rows, tails)):
-            if r.numel():
-                out = out.index_add(0, r, softmax_nll(logits, target[r] - self.bounds[i + 1], bias))
-        return out
+        local = (target[tail_rows] - self.cuts[cluster[tail_rows] - 1]).split(counts[1:])
+        tail_nll = [softmax_nll(logits, t, bias) for (logits, bias), t in zip(tails, local) if t.numel()]
+        return out.index_add(0, tail_rows, torch.cat(tail_nll)) if tail_nll else out
 
     def log_probs(self, h: Tensor) -> Tensor:
         """(..., D) -> (..., V): every word's exact log-probability."""

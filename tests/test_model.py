@@ -150,3 +150,48 @@ def test_block_linear_under_bf16_gives_the_fp32_gradient_of_the_bf16_product(mon
         assert weight.grad.dtype == torch.float32
         torch.testing.assert_close(weight.grad.double(), expected, rtol=2e-2, atol=5e-2)
         assert torch.equal(weight.grad[12:], torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_softmax_nll_and_its_gradients_equal_autograd_through_log_softmax(dtype, with_bias):
+    """The fused softmax NLL gives log_softmax's values and, for any incoming gradient,
+    autograd's gradients for the logits (in their own dtype) and the bias; without
+    autograd it is the same number from a logsumexp; the logits are never changed."""
+    from lm.model import softmax_nll
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(9, 13)).to(dtype).requires_grad_()
+    before = logits.detach().clone()
+    bias = torch.randn(13, requires_grad=True) if with_bias else None
+    target = torch.randint(0, 13, (9,))
+    upstream = torch.randn(9)
+    ours = softmax_nll(logits, target, bias)
+    (ours * upstream).sum().backward()
+    got = logits.grad, None if bias is None else bias.grad
+    logits.grad = None
+    if bias is not None:
+        bias.grad = None
+    z = logits.float() if bias is None else logits.float() + bias
+    ref = -F.log_softmax(z, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    (ref * upstream).sum().backward()
+    assert ours.dtype == torch.float32 and torch.equal(logits.detach(), before)
+    torch.testing.assert_close(ours, ref)
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0], logits.grad)
+    if bias is not None:
+        torch.testing.assert_close(got[1], bias.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(softmax_nll(logits, target, bias), ref)
+
+
+def test_importing_lm_asks_torch_for_huge_pages_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, lm; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
