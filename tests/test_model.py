@@ -184,14 +184,3 @@ def test_softmax_nll_and_its_gradients_equal_autograd_through_log_softmax(dtype,
     with torch.no_grad():
         torch.testing.assert_close(softmax_nll(logits, target, bias), ref)
 
-
-def test_importing_lm_asks_torch_for_huge_pages_unless_told_otherwise():
-    import os
-    import subprocess
-    import sys
-
-    code = "import os, lm; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
