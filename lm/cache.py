@@ -189,9 +189,16 @@ def evaluate_cache(model: LSTMLM, stream: Tensor, *, bos_id: int, window: int = 
     check_settings(window, theta, lam)
     start = time.perf_counter()
     lp_model, lp_cache, seen = _stream_scores(model, stream, bos_id, window, [theta], progress, desc)
-    mixed = _mixed(lp_model, lp_cache[0], seen, lam)
-    seconds = time.perf_counter() - start
-    n = stream.numel()
+    return cache_result(lp_model, lp_cache[0], seen, window=window, theta=theta, lam=lam,
+                        seconds=time.perf_counter() - start, keep_tokens=keep_tokens)
+
+
+def cache_result(lp_model: Tensor, lp_cache: Tensor, seen: Tensor, *, window: int, theta: float, lam: float,
+                 seconds: float, keep_tokens: bool = False) -> dict:
+    """``evaluate_cache``'s result from one pass's scores: the model's (N,), the cache's
+    (N,) for ``theta``, and where the cache had seen something (N,)."""
+    mixed = _mixed(lp_model, lp_cache, seen, lam)
+    n = lp_model.numel()
     total, plain = -mixed.sum(dtype=torch.float64).item(), -lp_model.sum(dtype=torch.float64).item()
     out = {"ppl": perplexity(total, n), "loss": total / n, "plain_ppl": perplexity(plain, n), "plain_loss": plain / n,
            "window": window, "theta": theta, "lambda": lam, "tokens": n, "seconds": seconds,
@@ -204,11 +211,13 @@ def evaluate_cache(model: LSTMLM, stream: Tensor, *, bos_id: int, window: int = 
 @torch.inference_mode()
 def tune_cache(model: LSTMLM, stream: Tensor, *, bos_id: int, window: int = WINDOW,
                thetas: tuple[float, ...] = THETAS, lambdas: tuple[float, ...] = LAMBDAS,
-               progress: bool = False, desc: str = "tune cache") -> dict:
+               progress: bool = False, desc: str = "tune cache", keep_scores: bool = False) -> dict:
     """Grid search of theta x lambda for the lowest perplexity of ``stream`` (the
     validation split). One model pass; returns the best ``theta``, ``lambda`` and
     ``ppl``, the ``plain_ppl``, and the whole grid (``ppl_grid[k][l]`` for
-    ``thetas[k]``, ``lambdas[l]``)."""
+    ``thetas[k]``, ``lambdas[l]``). With ``keep_scores`` also ``scores``: the pass's
+    (model, cache at the best theta, seen) scores, from which ``cache_result`` gives
+    ``evaluate_cache``'s result for this stream without a second pass."""
     for t in thetas:
         check_settings(window, t, 0.0)
     for lam in lambdas:
@@ -218,7 +227,8 @@ def tune_cache(model: LSTMLM, stream: Tensor, *, bos_id: int, window: int = WIND
     n = stream.numel()
     grid = torch.stack([_mixed_nll(lp_model, lp_cache, seen, lam) for lam in lambdas], dim=1) / n  # (K, L) loss
     k, l = divmod(int(grid.argmin()), len(lambdas))
-    return {"theta": thetas[k], "lambda": lambdas[l], "ppl": math.exp(grid[k, l].item()),
+    scores = {"scores": (lp_model, lp_cache[k], seen)} if keep_scores else {}
+    return scores | {"theta": thetas[k], "lambda": lambdas[l], "ppl": math.exp(grid[k, l].item()),
             "plain_ppl": perplexity(-lp_model.sum(dtype=torch.float64).item(), n), "window": window,
             "thetas": list(thetas), "lambdas": list(lambdas),
             "ppl_grid": grid.clamp(max=700).exp().tolist(), "tokens": n, "seconds": time.perf_counter() - start}

@@ -139,7 +139,7 @@ def _or(value, default):
 def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, columns: dict) -> dict:
     """The cache and dynamic evaluation results that ``lm eval`` was asked for, each
     under its own key; their per-token log-probabilities go into ``columns``."""
-    from lm.cache import evaluate_cache, tune_cache
+    from lm.cache import cache_result, evaluate_cache, tune_cache
     from lm.data import token_stream
     from lm.dynamic import BPTT, MS_TOKENS, dynamic_evaluate, gradient_ms
 
@@ -148,11 +148,18 @@ def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, co
         window = {"window": args.cache_window} if args.cache_window is not None else {}
         given = {"theta": args.cache_theta, "lam": args.cache_lambda}
         cache = window | {k: v for k, v in given.items() if v is not None}
+        scored_here = args.tune_cache and args.split == "valid"  # the tuning pass scores this split already
         if args.tune_cache:
-            valid = token_stream(corpus, "valid", tokenizer, progress=show)
-            out["cache_tuning"] = tune = tune_cache(model, valid, bos_id=bos, progress=show, **window)
+            valid = stream if scored_here else token_stream(corpus, "valid", tokenizer, progress=show)
+            tune = tune_cache(model, valid, bos_id=bos, progress=show, keep_scores=scored_here, **window)
+            scores = tune.pop("scores", None)
+            out["cache_tuning"] = tune
             cache |= {"theta": tune["theta"], "lam": tune["lambda"]}
-        out["cache"] = evaluate_cache(model, stream, bos_id=bos, progress=show, keep_tokens=dump, **cache)
+        if scored_here:
+            out["cache"] = cache_result(*scores, window=tune["window"], theta=tune["theta"], lam=tune["lambda"],
+                                        seconds=tune["seconds"], keep_tokens=dump)
+        else:
+            out["cache"] = evaluate_cache(model, stream, bos_id=bos, progress=show, keep_tokens=dump, **cache)
         if dump:
             columns["logprob_cache"] = out["cache"].pop("token_log_probs")
     if args.dynamic:

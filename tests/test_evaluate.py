@@ -100,6 +100,28 @@ def test_cli_eval_with_cache_dynamic_and_dump(tiny_run, tiny_corpus, tmp_path, c
     assert r["oov_rate"] == 0.0
 
 
+def test_cli_tune_cache_on_valid_scores_valid_once(tiny_run, monkeypatch, capsys):
+    """Tuning on valid and scoring valid share one cache pass, and give what a separate
+    ``--cache`` pass with the tuned settings gives."""
+    import lm.cache
+    from lm.cli import main
+
+    passes = []
+    real = lm.cache._stream_scores
+    monkeypatch.setattr(lm.cache, "_stream_scores", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert main(["eval", str(tiny_run), "--split", "valid", "--tune-cache", "--cache-window", "50", "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert len(passes) == 1 and "scores" not in tuned["cache_tuning"]
+    t, c = tuned["cache_tuning"], tuned["cache"]
+    assert (c["theta"], c["lambda"], c["window"]) == (t["theta"], t["lambda"], 50)
+    assert c["ppl"] == pytest.approx(t["ppl"], rel=1e-9)
+    assert main(["eval", str(tiny_run), "--split", "valid", "--cache", "--cache-window", "50", "--cache-theta",
+                 str(t["theta"]), "--cache-lambda", str(t["lambda"]), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["cache"]
+    assert len(passes) == 2
+    assert again["ppl"] == pytest.approx(c["ppl"], rel=1e-9) and again["plain_ppl"] == pytest.approx(c["plain_ppl"], rel=1e-9)
+
+
 @pytest.mark.parametrize("flags,match", [(["--cache", "--cache-lambda", "2"], "--cache-lambda"),
                                          (["--dynamic", "sgd", "--dynamic-lr", "-1"], "--dynamic-lr"),
                                          (["--dump-tokens", "/no/such/dir/t.tsv"], "--dump-tokens"),
