@@ -471,7 +471,7 @@ class TiedGradient:
                     dtype = parts[0][0].dtype if all(g.dtype == parts[0][0].dtype for g, _ in parts) else torch.float32
                     g = torch.cat([g.to(dtype) for g, _ in parts])
                     x = torch.cat([x.to(dtype) for _, x in parts])
-                blocks.append([lo, hi, g, x, None])
+                blocks.append([lo, hi, g, x, None, None])  # + product, fp32 (G, X)
             dim, dtype = self.weight.size(1), self.weight.dtype
             if self.words:
                 uniq, where = torch.unique(torch.cat(self.words), return_inverse=True)
@@ -493,7 +493,7 @@ class TiedGradient:
         blocks, uniq, summed = self._prepare()
         total = summed.float().pow(2).sum()
         for block in blocks:
-            lo, hi, g, x, _ = block
+            lo, hi, g, x, _, _ = block
             mine = (uniq >= lo) & (uniq < hi)
             words, rows = uniq[mine] - lo, summed[mine].float()
             n, size, dim = g.size(0), hi - lo, x.size(1)
@@ -502,6 +502,8 @@ class TiedGradient:
                 # kernel for every new shape, and n differs from batch to batch (measured
                 # side by side: 6-10% fewer tokens/s in all).
                 gf, xf = g.float(), x.float()
+                if gf.dtype == self.weight.dtype:  # apply's product takes them too
+                    block[5] = (gf, xf)
                 total += ((gf @ gf.t()) * (xf @ xf.t())).sum()
                 if words.numel():  # cross terms with the looked-up rows: 2 <G^T X, rows>
                     total += 2 * ((gf[:, words].t() @ xf) * rows).sum()
@@ -527,11 +529,14 @@ class TiedGradient:
         if uniq.numel():  # first the looked-up rows, so that each block is final when copied
             out.index_add_(0, uniq, summed.to(out.dtype), alpha=alpha)
         done = 0  # rows of the copy written so far
-        for lo, hi, g, x, product in blocks:
+        for lo, hi, g, x, product, converted in blocks:
             if product is not None:
                 out[lo:hi].add_(product, alpha=alpha)
             elif _product_in(out.dtype, g, x):
-                out[lo:hi].addmm_(g.t().to(out.dtype), x.to(out.dtype), alpha=alpha)
+                if converted is None or converted[0].dtype != out.dtype:
+                    converted = g.to(out.dtype), x.to(out.dtype)
+                gc, xc = converted
+                out[lo:hi].addmm_(gc.t(), xc, alpha=alpha)
             else:
                 out[lo:hi].add_(g.t() @ x, alpha=alpha)
             if copy is not None:  # the rows before it that no block touched, and the block
