@@ -501,9 +501,7 @@ class TiedGradient:
                 # In fp32: bf16 products would take half the time, but oneDNN builds a
                 # kernel for every new shape, and n differs from batch to batch (measured
                 # side by side: 6-10% fewer tokens/s in all).
-                gf, xf = g.float(), x.float()
-                if gf.dtype == self.weight.dtype:  # apply's product takes them too
-                    block[5] = (gf, xf)
+                gf, xf = block[5] = g.float(), x.float()  # apply's fp32 product takes them too
                 total += ((gf @ gf.t()) * (xf @ xf.t())).sum()
                 if words.numel():  # cross terms with the looked-up rows: 2 <G^T X, rows>
                     total += 2 * ((gf[:, words].t() @ xf) * rows).sum()
