@@ -267,15 +267,15 @@ class _SoftmaxNLL(torch.autograd.Function):
         top = z.amax(1, keepdim=True)
         picked = z.gather(1, target.unsqueeze(1))
         total = z.sub_(top).exp_().sum(1, keepdim=True)
-        ctx.save_for_backward(z.div_(total), target)  # the softmax
+        ctx.save_for_backward(z, total, target)  # the softmax is z / total
         ctx.logits_dtype = logits.dtype
-        return (total.log_() + top - picked).squeeze(1)
+        return (total.log() + top - picked).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        probs, target = ctx.saved_tensors
-        g = grad.unsqueeze(1).to(probs.dtype)
-        d = probs * g
+        exp, total, target = ctx.saved_tensors
+        g = grad.unsqueeze(1).to(exp.dtype)
+        d = exp * (g / total)  # the softmax times the incoming gradient, in one pass
         d.scatter_add_(1, target.unsqueeze(1), -g)
         grad_bias = d.sum(0) if ctx.needs_input_grad[2] else None
         return d.to(ctx.logits_dtype) if ctx.needs_input_grad[0] else None, None, grad_bias
@@ -492,10 +492,12 @@ class TiedGradient:
         """The squared Frobenius norm of the whole gradient (an fp32 scalar)."""
         blocks, uniq, summed = self._prepare()
         total = summed.float().pow(2).sum()
-        for block in blocks:
+        # the looked-up words (sorted) that fall in each block: one search for all blocks
+        ends = torch.searchsorted(uniq, torch.tensor([b[1] for b in blocks], dtype=uniq.dtype)).tolist()
+        starts = torch.searchsorted(uniq, torch.tensor([b[0] for b in blocks], dtype=uniq.dtype)).tolist()
+        for block, a, b in zip(blocks, starts, ends):
             lo, hi, g, x, _, _ = block
-            mine = (uniq >= lo) & (uniq < hi)
-            words, rows = uniq[mine] - lo, summed[mine].float()
+            words, rows = uniq[a:b] - lo, summed[a:b].float()
             n, size, dim = g.size(0), hi - lo, x.size(1)
             if n * (size + dim) < size * dim:  # the Gram matrices are smaller than the block
                 # In fp32: bf16 products would take half the time, but oneDNN builds a
@@ -504,7 +506,7 @@ class TiedGradient:
                 gf, xf = block[5] = g.float(), x.float()  # apply's fp32 product takes them too
                 total += ((gf @ gf.t()) * (xf @ xf.t())).sum()
                 if words.numel():  # cross terms with the looked-up rows: 2 <G^T X, rows>
-                    total += 2 * ((gf[:, words].t() @ xf) * rows).sum()
+                    total += 2 * ((gf.index_select(1, words).t() @ xf) * rows).sum()
             else:  # written out (kept for apply)
                 block[4] = product = self._product(g, x)
                 total += product.float().pow(2).sum()
