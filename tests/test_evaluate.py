@@ -159,3 +159,14 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     rounds = r["round_tokens_per_s"]  # each variant's rate is the median of its rounds
     assert all(len(v) == 2 for v in rounds.values())
     assert abs(r["full_tokens_per_s"] - statistics.median(rounds["full"])) <= 1
+    assert len(r["round_core_gflops"]) == 2 and all(g > 0 for g in r["round_core_gflops"])
+
+
+def test_core_gflops_counts_the_products_it_times(monkeypatch):
+    import lm.bench as B
+
+    clock = iter(range(100))  # every perf_counter call: one more second
+    monkeypatch.setattr(B.time, "perf_counter", lambda: float(next(clock)))
+    # starts at 0 s; a product after the checks at 1 and 2 s; at 3 s the time is up, but
+    # it makes at least three; at 4 s it stops: 3 products in 4 s
+    assert B.core_gflops(seconds=2.5) == 3 * 2 * 128**3 / 4 / 1e9
