@@ -69,25 +69,12 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
     return Config.from_dict(merge(saved, overrides)).validate()
 
 
-# oneDNN keeps the kernels it builds for each matrix shape in a cache of 1,024 by
-# default. An adaptive head meets a new shape whenever a cluster gets a token count it has
-# not had before; at the wt2-cpu recipe's batch (64 x 35: 150-280 tokens in a cluster) its
-# shapes outnumber the default cache, which then keeps evicting and rebuilding them
-# (ONEDNN_VERBOSE=2 after 150-300 warm steps: 5.9 kernel builds and 4.1 ms of building
-# per step, about 2% of the step; with 8,192: 0.6 and 0.2 ms, peak RSS the same within
-# noise). oneDNN reads the variable when it first needs the cache size, so setting it
-# here, before training, takes effect; a value set by the user wins.
-ONEDNN_CACHE = "8192"
-
-
 def set_threads(threads: int) -> int:
-    """Use one intra-op thread per available core unless told otherwise, keep freed
-    memory in the process (see ``keep_freed_memory``) and give oneDNN a kernel cache
-    that holds an adaptive head's shapes (``ONEDNN_CACHE``)."""
+    """Use one intra-op thread per available core unless told otherwise, and keep freed
+    memory in the process (see ``keep_freed_memory``)."""
     n = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
     keep_freed_memory()
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
     return n
 
 

@@ -1,5 +1,4 @@
 import json
-import os
 
 import torch
 
@@ -248,18 +247,3 @@ def test_deferred_tied_gradient_is_written_out_for_other_optimisers():
         torch.testing.assert_close(fact.embedding.weight.grad, plain.embedding.weight.grad, rtol=1e-5, atol=1e-8)
         for a, b in zip(plain.parameters(), fact.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_set_threads_sizes_onednn_kernel_cache_unless_the_user_did(monkeypatch):
-    from lm.train import ONEDNN_CACHE, set_threads
-
-    threads = torch.get_num_threads()
-    try:
-        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-        assert set_threads(1) == 1 and torch.get_num_threads() == 1
-        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == ONEDNN_CACHE
-        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-        set_threads(1)
-        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
-    finally:
-        torch.set_num_threads(threads)
