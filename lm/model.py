@@ -208,7 +208,8 @@ class AdaptiveSoftmax(nn.Module):
         # features (and one scatter of its gradient) for all the clusters.
         counts = torch.bincount(cluster, minlength=len(self.bounds) - 1).tolist()
         tail_rows = torch.argsort(cluster, stable=True)[counts[0]:]
-        xs = h[tail_rows].split(counts[1:])
+        sizes, rows = padded_rows(tail_rows, counts[1:])
+        xs = h[rows].split(sizes)
         if self.tied is not None and self.int8 is None:
             # One kernel for every block of the shared matrix: its backward writes all
             # block gradients into a single embedding-sized tensor (or, with a
@@ -223,8 +224,10 @@ class AdaptiveSoftmax(nn.Module):
             tails = [(self._tail_logits(i, x), None) for i, x in enumerate(xs)]
         head_index = torch.where(cluster == 0, target, self.bounds[1] + cluster - 1)
         out = softmax_nll(head, head_index, head_bias)
-        local = (target[tail_rows] - self.cuts[cluster[tail_rows] - 1]).split(counts[1:])
-        tail_nll = [softmax_nll(logits, t, bias) for (logits, bias), t in zip(tails, local) if t.numel()]
+        local = (target[rows] - self.cuts[cluster[rows] - 1]).split(sizes)
+        # a padded cluster's extra rows are dropped here, so they get no gradient
+        tail_nll = [softmax_nll(logits, t, bias)[:n]
+                    for (logits, bias), t, n in zip(tails, local, counts[1:]) if t.numel()]
         return out.index_add(0, tail_rows, torch.cat(tail_nll)) if tail_nll else out
 
     def log_probs(self, h: Tensor) -> Tensor:
@@ -235,6 +238,30 @@ class AdaptiveSoftmax(nn.Module):
         for i in range(len(self.proj)):
             parts.append(head_lp[..., c0 + i : c0 + i + 1] + F.log_softmax(self._tail_logits(i, h), dim=-1))
         return torch.cat(parts, dim=-1)
+
+
+# A cluster with more than PAD_ABOVE tokens in a batch gets its count rounded up to a
+# multiple of PAD_TO (copies of its first token, whose losses are dropped). oneDNN builds
+# a kernel for every matrix shape it meets and caches 1,024. At batch 64 x 35 the
+# clusters' token counts vary so much that the default model's products come in more
+# shapes than that, and oneDNN kept evicting and rebuilding kernels: after 300 warm
+# steps, 10.6 builds and 8.6 ms of building per step (ONEDNN_VERBOSE=2), about 7% of the
+# step; padded, 0.3 builds and 0.1 ms (the wt2-cpu model: 4.1 ms -> 0.1 ms). Paired in
+# one process (7 rounds of 15 s, default model): +2.2%, and +5.2% with a bound of 64,
+# which cost the 2x200 model at batch 20 (whose shapes fit the cache) 2.6%. A larger
+# cache is no way out: each cached kernel holds about 300 KB here.
+PAD_ABOVE, PAD_TO = 128, 16
+
+
+def padded_rows(rows: Tensor, counts: list[int]) -> tuple[list[int], Tensor]:
+    """``rows`` grouped by ``counts``, each group of more than PAD_ABOVE rows padded to a
+    multiple of PAD_TO with copies of its first row: (the padded counts, the rows)."""
+    sizes = [n if n <= PAD_ABOVE else -(-n // PAD_TO) * PAD_TO for n in counts]
+    if sizes == counts:
+        return sizes, rows
+    parts = [p if m == n else torch.cat([p, p[:1].expand(m - n)])
+             for p, n, m in zip(rows.split(counts), counts, sizes)]
+    return sizes, torch.cat(parts)
 
 
 def softmax_nll(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:

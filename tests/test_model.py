@@ -184,3 +184,55 @@ def test_softmax_nll_and_its_gradients_equal_autograd_through_log_softmax(dtype,
     with torch.no_grad():
         torch.testing.assert_close(softmax_nll(logits, target, bias), ref)
 
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("deferred", [True, False])
+def test_padding_a_clusters_rows_changes_no_loss_and_no_gradient(tied, deferred, monkeypatch):
+    """Clusters with many tokens are padded to a multiple of PAD_TO rows (so that oneDNN
+    meets fewer matrix shapes); the losses and every gradient, including the tied
+    matrix's deferred one, equal the unpadded head's."""
+    import lm.model
+    from lm.train import clipped_step
+
+    torch.manual_seed(0)
+    x = torch.randint(0, V, (6, 20))
+    y = torch.randint(0, V, (6, 20))  # about 24-48 tokens in each cluster
+    results = []
+    for above, to in ((10**9, 16), (4, 16)):
+        monkeypatch.setattr(lm.model, "PAD_ABOVE", above)
+        monkeypatch.setattr(lm.model, "PAD_TO", to)
+        torch.manual_seed(2)
+        m = model(tie_weights=tied).train()
+        sink = m.defer_tied_gradient(deferred and tied)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        torch.manual_seed(1)
+        features, _ = m(x)
+        nll = m.nll(features, y)
+        nll.mean().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        clipped_step(opt, list(m.parameters()), 0.25, sink)
+        results.append((nll.detach(), grads, [p.detach().clone() for p in m.parameters()]))
+    assert any(n % 16 and n > 4 for n in torch.bincount(torch.bucketize(y.reshape(-1), m.head.cuts, right=True)).tolist()[1:])
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], msg=n)
+    for a, b in zip(results[0][2], results[1][2]):  # after the clipped step (deferred: straight into the weight)
+        torch.testing.assert_close(a, b)
+
+
+def test_padded_rows_groups():
+    from lm.model import padded_rows
+    import lm.model
+
+    rows = torch.arange(10)
+    assert padded_rows(rows, [3, 7])[0] == [3, 7]  # below PAD_ABOVE: untouched
+    old = lm.model.PAD_ABOVE, lm.model.PAD_TO
+    try:
+        lm.model.PAD_ABOVE, lm.model.PAD_TO = 2, 4
+        sizes, padded = padded_rows(rows, [2, 5, 0, 3])
+        assert sizes == [2, 8, 0, 4]
+        assert padded.tolist() == [0, 1, 2, 3, 4, 5, 6, 2, 2, 2, 7, 8, 9, 7]
+    finally:
+        lm.model.PAD_ABOVE, lm.model.PAD_TO = old
