@@ -182,11 +182,7 @@ def test_softmax_nll_and_its_gradients_equal_autograd_through_log_softmax(dtype,
     if bias is not None:
         torch.testing.assert_close(got[1], bias.grad)
     with torch.no_grad():
-        torch.testing.assert_close(softmax_nll(logits, target, bias), ref)
-
-
-
-@pytest.mark.parametrize("tied", [True, False])
+X, [True, False])
 @pytest.mark.parametrize("deferred", [True, False])
 def test_padding_a_clusters_rows_changes_no_loss_and_no_gradient(tied, deferred, monkeypatch):
     """Clusters with many tokens are padded to a multiple of PAD_TO rows (so that oneDNN
@@ -197,7 +193,7 @@ def test_padding_a_clusters_rows_changes_no_loss_and_no_gradient(tied, deferred,
 
     torch.manual_seed(0)
     x = torch.randint(0, V, (6, 20))
-    y = torch.randint(0, V, (6, 20))  # about 24-48 tokens in each cluster
+    y = torch.randint(0, V, (6, 20))  # about 48 tokens in each of the two tail clusters
     results = []
     for above, to in ((10**9, 16), (4, 16)):
         monkeypatch.setattr(lm.model, "PAD_ABOVE", above)
@@ -222,17 +218,14 @@ def test_padding_a_clusters_rows_changes_no_loss_and_no_gradient(tied, deferred,
         torch.testing.assert_close(a, b)
 
 
-def test_padded_rows_groups():
-    from lm.model import padded_rows
+def test_padded_rows_groups(monkeypatch):
     import lm.model
+    from lm.model import padded_rows
 
     rows = torch.arange(10)
     assert padded_rows(rows, [3, 7])[0] == [3, 7]  # below PAD_ABOVE: untouched
-    old = lm.model.PAD_ABOVE, lm.model.PAD_TO
-    try:
-        lm.model.PAD_ABOVE, lm.model.PAD_TO = 2, 4
-        sizes, padded = padded_rows(rows, [2, 5, 0, 3])
-        assert sizes == [2, 8, 0, 4]
-        assert padded.tolist() == [0, 1, 2, 3, 4, 5, 6, 2, 2, 2, 7, 8, 9, 7]
-    finally:
-        lm.model.PAD_ABOVE, lm.model.PAD_TO = old
+    monkeypatch.setattr(lm.model, "PAD_ABOVE", 2)
+    monkeypatch.setattr(lm.model, "PAD_TO", 4)
+    sizes, padded = padded_rows(rows, [2, 5, 0, 3])
+    assert sizes == [2, 8, 0, 4]  # each group over 2 rows up to a multiple of 4, with its first row
+    assert padded.tolist() == [0, 1, 2, 3, 4, 5, 6, 2, 2, 2, 7, 8, 9, 7]
