@@ -182,7 +182,10 @@ def test_softmax_nll_and_its_gradients_equal_autograd_through_log_softmax(dtype,
     if bias is not None:
         torch.testing.assert_close(got[1], bias.grad)
     with torch.no_grad():
-X, [True, False])
+        torch.testing.assert_close(softmax_nll(logits, target, bias), ref)
+
+
+@pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("deferred", [True, False])
 def test_padding_a_clusters_rows_changes_no_loss_and_no_gradient(tied, deferred, monkeypatch):
     """Clusters with many tokens are padded to a multiple of PAD_TO rows (so that oneDNN
