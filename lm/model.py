@@ -520,9 +520,8 @@ class TiedGradient:
         blocks, uniq, summed = self._prepare()
         total = summed.float().pow(2).sum()
         # the looked-up words (sorted) that fall in each block: one search for all blocks
-        ends = torch.searchsorted(uniq, torch.tensor([b[1] for b in blocks], dtype=uniq.dtype)).tolist()
-        starts = torch.searchsorted(uniq, torch.tensor([b[0] for b in blocks], dtype=uniq.dtype)).tolist()
-        for block, a, b in zip(blocks, starts, ends):
+        edges = torch.searchsorted(uniq, torch.tensor([b[:2] for b in blocks], dtype=uniq.dtype)).tolist()
+        for block, (a, b) in zip(blocks, edges):
             lo, hi, g, x, _, _ = block
             words, rows = uniq[a:b] - lo, summed[a:b].float()
             n, size, dim = g.size(0), hi - lo, x.size(1)
