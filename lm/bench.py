@@ -207,6 +207,29 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     return out
 
 
+def machine_info() -> dict:
+    """What the figures were measured on: the CPU (its name and, on x86, family and
+    model, which tell generations apart where a virtual machine names them all alike),
+    its cores and torch's threads. Shared machines of one name differ by a third in
+    speed from host to host, so a table without this cannot be compared with another."""
+    import platform
+
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30]
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu"] = fields.get("model name", info["cpu"])
+        if "cpu family" in fields:
+            info["cpu"] += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    except OSError:  # not Linux
+        pass
+    return info
+
+
 def core_gflops(seconds: float = 0.05) -> float:
     """The cores' arithmetic speed now, in GFLOP/s: fp32 products of two 128 x 128
     matrices, which stay in cache, so memory does not count. On a shared virtual machine
@@ -391,6 +414,9 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
     results: dict = {}
     rows: list[tuple[str, str, str]] = []  # (measure, result, target or note)
     want = set(only or BENCHES)
+    results["machine"] = m = machine_info()
+    log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads)")
+    rows.append(("machine", f"{m['cpu']}, {m['cores']} cores", f"torch {m['torch']}"))
     if "train" in want:
         wt2 = recipe("wt2-cpu")
         for name, kw in (("train-2x200", {"examples": True}),

@@ -1,6 +1,8 @@
 import json
 import math
+import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,15 @@ def test_core_gflops_counts_the_products_it_times(monkeypatch):
     # starts at 0 s; a product after the checks at 1 and 2 s; at 3 s the time is up, but
     # it makes at least three; at 4 s it stops: 3 products in 4 s
     assert B.core_gflops(seconds=2.5) == 3 * 2 * 128**3 / 4 / 1e9
+
+
+def test_machine_info_names_the_cpu_and_the_threads():
+    from lm.bench import machine_info
+
+    m = machine_info()
+    assert m["cores"] == os.cpu_count() and m["threads"] == torch.get_num_threads()
+    assert m["torch"] == torch.__version__ and m["cpu"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
+        name = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert m["cpu"].startswith(name.split(":", 1)[1].strip())
