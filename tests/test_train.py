@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from lm import checkpoint
@@ -247,3 +248,33 @@ def test_deferred_tied_gradient_is_written_out_for_other_optimisers():
         torch.testing.assert_close(fact.embedding.weight.grad, plain.embedding.weight.grad, rtol=1e-5, atol=1e-8)
         for a, b in zip(plain.parameters(), fact.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gram,fp32_rows", [(True, 128), (False, 128), (False, 0)])
+def test_the_clip_norm_from_grams_or_written_out_blocks_is_the_written_out_gradients(gram, fp32_rows, monkeypatch):
+    """Either way of taking a block's share of the clip's norm (its factors' Gram
+    matrices, or the block written out once for the norm and the update, from an fp32
+    or, under autocast, a bf16 product) gives the norm and the step of the gradient
+    written into .grad, fp32 and under autocast."""
+    import lm.model
+    from lm.train import clipped_step
+
+    monkeypatch.setattr(lm.model, "_gram_cheaper", lambda n, size, dim: gram)
+    monkeypatch.setattr(lm.model, "FP32_GRAD_ROWS", fp32_rows)
+    for autocast in (False, True):
+        plain, opt_p, _ = _tied_case(False, autocast)
+        fact, opt_f, tied = _tied_case(True, autocast)
+        torch.testing.assert_close(tied.norm_sq().sqrt(), plain.embedding.weight.grad.norm(), rtol=1e-4, atol=0)
+        clipped_step(opt_p, list(plain.parameters()), 0.25)
+        clipped_step(opt_f, list(fact.parameters()), 0.25, tied)
+        tol = dict(rtol=0, atol=1e-6) if not autocast else dict(rtol=0, atol=2e-4 * 0.5 * 0.25)
+        for (name, a), b in zip(plain.named_parameters(), fact.parameters()):
+            torch.testing.assert_close(a, b, **tol, msg=f"{name} (autocast {autocast})")
+
+
+def test_gram_rule_takes_grams_only_for_few_rows_and_blocks_larger_than_them():
+    from lm.model import GRAM_ROWS, _gram_cheaper
+
+    assert _gram_cheaper(17, 13278, 200) and _gram_cheaper(GRAM_ROWS, 6000, 256)
+    assert not _gram_cheaper(GRAM_ROWS + 1, 6000, 256)  # many rows: written out
+    assert not _gram_cheaper(60, 50, 200)  # Gram matrices larger than the block itself
