@@ -369,9 +369,14 @@ def block_linear(weight: Tensor, sizes: list[int], inputs: list[Tensor],
 # Under autocast, a block whose input has at most this many rows (a rare-word cluster's
 # share of a batch) gets its weight gradient from an fp32 product written straight into
 # the gradient tensor; with more rows, from a bf16 product and a copy. Side by side
-# (bf16 training steps, interleaved): +10% tokens/s on the 2x200 model at batch 20x35,
-# +2% on the wt2-cpu model at 64x35 (with 512 rows: +11% and -1%).
-FP32_GRAD_ROWS = 128
+# (bf16 training steps, interleaved), on session 6's host: 128 rows gave +10% tokens/s
+# on the 2x200 model at batch 20x35, +2% on the wt2-cpu model at 64x35 (512 rows: +11%
+# and -1%). On session 11's CPU (AMD family 26, whose bf16 products run 2.5-3x faster
+# than fp32 ones at 70-120 rows; one model, the bound switched between interleaved
+# rounds), 64 rows against 128: +2.0% on the 2x200 model, +4.1% on the default model,
+# +3.0% on wt2-cpu's; it also matches GRAM_ROWS, so a block the clip's Gram matrices
+# converted to fp32 reuses that copy and a larger one is formed in bf16 once.
+FP32_GRAD_ROWS = 64
 
 
 def _product_in(dtype: torch.dtype, g: Tensor, x: Tensor) -> bool:
