@@ -536,10 +536,12 @@ class TiedGradient:
         return self._ready
 
     def _product(self, g: Tensor, x: Tensor) -> Tensor:
-        """G^T X in the weight's dtype, formed as _BlockLinear forms it."""
+        """G^T X as _BlockLinear forms it: in the weight's dtype, or a bf16 product left
+        in bf16 (converting it changes no value; the norm and the update read it as is,
+        half the bytes of an fp32 copy)."""
         if _product_in(self.weight.dtype, g, x):
             return torch.mm(g.t().to(self.weight.dtype), x.to(self.weight.dtype))
-        return (g.t() @ x).to(self.weight.dtype)
+        return g.t() @ x
 
     @torch.no_grad()
     def norm_sq(self) -> Tensor:
