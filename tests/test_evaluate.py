@@ -162,6 +162,9 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     assert all(len(v) == 2 for v in rounds.values())
     assert abs(r["full_tokens_per_s"] - statistics.median(rounds["full"])) <= 1
     assert len(r["round_core_gflops"]) == 2 and all(g > 0 for g in r["round_core_gflops"])
+    fastest = rounds.get("adaptive_bf16", rounds["adaptive"])  # each round's ratio, from that round's rates
+    assert len(r["round_speedups"]) == 2
+    assert all(math.isclose(s, a / f, rel_tol=0.01) for s, a, f in zip(r["round_speedups"], fastest, rounds["full"]))
 
 
 def test_core_gflops_counts_the_products_it_times(monkeypatch):
@@ -184,3 +187,18 @@ def test_machine_info_names_the_cpu_and_the_threads():
     if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
         name = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
         assert m["cpu"].startswith(name.split(":", 1)[1].strip())
+
+
+def test_bench_table_names_the_machine_and_each_rounds_ratio_range(monkeypatch):
+    import lm.bench as B
+
+    fake = {"arch": "2x8 tied", "full_tokens_per_s": 100, "adaptive_tokens_per_s": 500, "speedup": 5.0,
+            "adaptive_bf16_tokens_per_s": 800, "speedup_bf16": 8.0, "round_speedups": [7.5, 8.25, 8.5],
+            "round_core_gflops": [120, 150, 180]}
+    monkeypatch.setattr(B, "bench_train_heads", lambda **kw: fake)
+    lines: list[str] = []
+    results = B.run(only=["train"], log=lines.append)
+    table = lines[-1].splitlines()
+    assert results["machine"]["cores"] == os.cpu_count() and table[2].startswith("| machine |")
+    bf16_rows = [row for row in table if ", bf16 |" in row]
+    assert len(bf16_rows) == 2 and all("rounds 7.50-8.50x, core speed 120-180 GFLOP/s" in row for row in bf16_rows)
