@@ -248,6 +248,134 @@ def core_gflops(seconds: float = 0.05) -> float:
     return n * 2 * 128**3 / elapsed / 1e9
 
 
+def _core_probes(seconds: float = 0.1) -> dict:
+    """The machine's state in three numbers: the two-thread probe (``core_gflops``,
+    small products, so the cores' coordination counts); each core alone (one thread
+    pinned to it, 512 x 512 fp32 products); memory bandwidth (copying 64 MB, GB/s read
+    plus written). Changes the thread count and the affinity while it runs: call it only
+    in a process of its own (``bench_host``'s child)."""
+    import torch
+
+    out: dict = {"two_thread_gflops": round(core_gflops(seconds))}
+    threads = torch.get_num_threads()
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per_core = []
+    torch.set_num_threads(1)
+    try:
+        for core in cores[:8]:
+            os.sched_setaffinity(0, {core})
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds or n < 2:
+                torch.mm(a, b)
+                n += 1
+            per_core.append(round(n * 2 * 512**3 / elapsed / 1e9))
+    finally:
+        if cores:
+            os.sched_setaffinity(0, set(cores))
+        torch.set_num_threads(threads)
+    out["one_core_gflops"] = per_core
+    src = torch.ones(16 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or n < 2:
+        dst.copy_(src)
+        n += 1
+    out["memory_gb_per_s"] = round(n * 2 * src.numel() * 4 / elapsed / 1e9, 1)
+    return out
+
+
+def host_summary(samples: list[dict], fast_within: float = 0.1) -> dict:
+    """Samples of ``bench_host`` grouped by the machine's state: "fast" where the
+    two-thread probe is within ``fast_within`` of the best sample's, "slow" otherwise;
+    per group, the count and each measure's median (per core for the one-core probe)."""
+    best = max(s["two_thread_gflops"] for s in samples)
+    groups: dict = {"fast": [], "slow": []}
+    for s in samples:
+        groups["fast" if s["two_thread_gflops"] >= (1 - fast_within) * best else "slow"].append(s)
+    out = {}
+    for name, group in groups.items():
+        if not group:
+            continue
+        summary = {"samples": len(group)}
+        for key in group[0]:
+            if key == "one_core_gflops":
+                summary[key] = [round(statistics.median(s[key][i] for s in group)) for i in range(len(group[0][key]))]
+            else:
+                summary[key] = round(statistics.median(s[key] for s in group), 2)
+        out[name] = summary
+    return out
+
+
+def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float = 2.0, emb: int = 200,
+               hidden: int = 200, batch: int = 20, bptt: int = 35, model: dict | None = None) -> dict:
+    """How the machine's state moves the 2x200 training step. A shared virtual machine
+    changes state from minute to minute; this alternates ``_core_probes`` with
+    ``sample_s`` seconds of the adaptive head's bf16 training step (as ``lm train`` runs
+    it), timed in phases: LSTM forward (embedding and layers), head forward, backward,
+    update. Runs in a child process of its own (``lm bench --only host``): the probes
+    change its thread count and affinity."""
+    import torch
+
+    from lm.batching import batchify, bptt_windows
+    from lm.config import ModelConfig, TokenizerConfig
+    from lm.data import load_tokenizer, token_stream
+    from lm.model import LSTMLM, detach
+    from lm.train import bf16_autocast, clipped_step, set_threads
+
+    set_threads(0)
+    corpus = open_corpus(base)
+    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
+    data = batchify(token_stream(corpus, "train", tok), batch)
+    torch.manual_seed(0)
+    net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": "adaptive"}),
+                 tok.vocab_size).train()
+    params = list(net.parameters())
+    opt = torch.optim.SGD(params, lr=1.0)
+    tied = net.defer_tied_gradient()
+    autocast = bf16_autocast(torch.device("cpu")) or nullcontext()
+    state = {"windows": bptt_windows(data, bptt), "hidden": None}
+
+    def step() -> tuple[float, ...]:
+        try:
+            _, x, y = next(state["windows"])
+        except StopIteration:
+            state["windows"], state["hidden"] = bptt_windows(data, bptt), None
+            _, x, y = next(state["windows"])
+        t0 = time.perf_counter()
+        with autocast:
+            features, state["hidden"] = net(x, detach(state["hidden"]) if state["hidden"] else None)
+            t1 = time.perf_counter()
+            loss = net.nll(features, y).float().mean()
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        clipped_step(opt, params, 0.25, tied)
+        t4 = time.perf_counter()
+        return t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3
+
+    warm, n = time.perf_counter(), 0  # first oneDNN's kernels for the clusters' shapes
+    while n < 2 or time.perf_counter() - warm < min(6.0, 3 * sample_s):
+        step()
+        n += 1
+    samples, end = [], time.perf_counter() + seconds
+    while not samples or time.perf_counter() < end:
+        sample = _core_probes()
+        times, start = [], time.perf_counter()
+        while not times or time.perf_counter() - start < sample_s:
+            times.append(step())
+        for i, name in enumerate(("step_ms", "lstm_forward_ms", "head_forward_ms", "backward_ms", "update_ms")):
+            sample[name] = round(statistics.median(t[i] for t in times) * 1e3, 2)
+        samples.append(sample)
+    return {"arch": f"2x{hidden} tied adaptive, bf16 where native, batch {batch}x{bptt}",
+            "samples": samples, "states": host_summary(samples)}
+
+
+def _host_child(seconds: str) -> dict:
+    return bench_host(seconds=float(seconds))
+
+
 def _default_model(checkpoint: str | None):
     """The model to time inference on: a trained checkpoint if there is one (then the
     perplexity rows mean something), else the default architecture freshly initialised
@@ -406,7 +534,8 @@ def bench_autocomplete(checkpoint: str | None, chars: int = 20_000) -> dict:
             "serve": requests_per_second(pred, text[:3000], requests=400, clients=4)}
 
 
-BENCHES = ("train", "profile", "inference", "autocomplete", "cache")
+BENCHES = ("train", "profile", "inference", "autocomplete", "cache")  # what a plain ``lm bench`` runs
+EXTRAS = ("host",)  # only when asked for (--only host): a diagnosis of the machine, 2 minutes
 
 
 def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wikitext-2/best.pt",
@@ -487,6 +616,19 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
             f"[target >= 1M tokens/s, < 1024 MB]")
         rows.append(("token cache build", f"{r['cache_tokens_per_s'] / 1e6:.2f}M tok/s, peak RSS {r['peak_rss_mb']:.0f} MB",
                      "target >= 1M tok/s, < 1 GB"))
+    if "host" in want:
+        r = _child("_host", "120")
+        results["host"] = r
+        for state, g in r["states"].items():
+            log(f"host, {state} state ({g['samples']} samples): two-thread probe {g['two_thread_gflops']:.0f} "
+                f"GFLOP/s, each core alone {g['one_core_gflops']} GFLOP/s, memory {g['memory_gb_per_s']} GB/s; "
+                f"{r['arch']} step {g['step_ms']} ms = LSTM forward {g['lstm_forward_ms']} + head forward "
+                f"{g['head_forward_ms']} + backward {g['backward_ms']} + update {g['update_ms']}")
+            rows.append((f"host state: {state} ({g['samples']} samples of 2 s)",
+                         f"step {g['step_ms']} ms (LSTM fwd {g['lstm_forward_ms']}, head fwd {g['head_forward_ms']}, "
+                         f"bwd {g['backward_ms']}, update {g['update_ms']})",
+                         f"probes: two threads {g['two_thread_gflops']:.0f}, each core "
+                         f"{'/'.join(map(str, g['one_core_gflops']))} GFLOP/s, memory {g['memory_gb_per_s']} GB/s"))
     log(format_table(rows))
     return results
 
@@ -500,4 +642,4 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
 
 if __name__ == "__main__":
     fn, *args = sys.argv[1:]
-    print(json.dumps({"_cache": _cache_child, "_train_rss": _train_rss_child}[fn](*args)))
+    print(json.dumps({"_cache": _cache_child, "_train_rss": _train_rss_child, "_host": _host_child}[fn](*args)))

@@ -202,3 +202,53 @@ def test_bench_table_names_the_machine_and_each_rounds_ratio_range(monkeypatch):
     assert results["machine"]["cores"] == os.cpu_count() and table[2].startswith("| machine |")
     bf16_rows = [row for row in table if ", bf16 |" in row]
     assert len(bf16_rows) == 2 and all("rounds 7.50-8.50x, core speed 120-180 GFLOP/s" in row for row in bf16_rows)
+
+
+def test_host_summary_groups_samples_by_the_two_thread_probe():
+    from lm.bench import host_summary
+
+    def sample(probe, step, cores):
+        return {"two_thread_gflops": probe, "one_core_gflops": cores, "memory_gb_per_s": 30.0, "step_ms": step}
+
+    samples = [sample(170, 24.0, [100, 102]), sample(180, 23.0, [98, 104]), sample(140, 29.0, [97, 101]),
+               sample(163, 25.0, [99, 100]), sample(130, 30.0, [95, 99])]
+    s = host_summary(samples)  # fast: within 10% of the best probe (180), so from 162 up
+    assert s["fast"]["samples"] == 3 and s["slow"]["samples"] == 2
+    assert s["fast"]["step_ms"] == 24.0 and s["slow"]["step_ms"] == 29.5
+    assert s["fast"]["one_core_gflops"] == [99, 102] and s["slow"]["one_core_gflops"] == [96, 100]
+    assert list(host_summary(samples[:2])) == ["fast"]  # one state seen: no empty group
+
+
+def test_bench_host_times_the_step_in_phases_beside_the_probes(tiny_corpus):
+    from lm.bench import bench_host
+
+    threads, affinity = torch.get_num_threads(), os.sched_getaffinity(0)
+    r = bench_host(str(tiny_corpus), seconds=0, sample_s=0.05, emb=16, hidden=16, batch=4, bptt=8,
+                   model={"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]})
+    assert torch.get_num_threads() == threads and os.sched_getaffinity(0) == affinity  # the probes put both back
+    (sample,) = r["samples"]
+    assert len(sample["one_core_gflops"]) == min(len(affinity), 8) and all(g > 0 for g in sample["one_core_gflops"])
+    assert sample["two_thread_gflops"] > 0 and sample["memory_gb_per_s"] > 0
+    phases = [sample[k] for k in ("lstm_forward_ms", "head_forward_ms", "backward_ms", "update_ms")]
+    assert all(p > 0 for p in phases) and max(phases) <= sample["step_ms"]
+    assert r["states"]["fast"]["samples"] == 1
+
+
+def test_bench_host_runs_only_when_named_and_fills_a_row_per_state(monkeypatch):
+    import lm.bench as B
+
+    state = {"samples": 2, "two_thread_gflops": 170, "one_core_gflops": [100, 101], "memory_gb_per_s": 33.0,
+             "step_ms": 24.0, "lstm_forward_ms": 3.1, "head_forward_ms": 4.2, "backward_ms": 9.5, "update_ms": 6.4}
+    calls = []
+    monkeypatch.setattr(B, "_child", lambda fn, *a: calls.append(fn) or {"arch": "2x200", "samples": [],
+                                                                          "states": {"fast": state, "slow": state}})
+    for name in B.BENCHES:  # a plain lm bench does not run it
+        monkeypatch.setattr(B, {"train": "bench_train_heads", "profile": "bench_step_profile", "inference": "bench_inference",
+                                "autocomplete": "bench_autocomplete", "cache": "bench_cache"}[name],
+                            lambda *a, **k: pytest.fail("ran a benchmark that was not asked for"))
+    lines: list[str] = []
+    results = B.run(only=["host"], log=lines.append)
+    assert calls == ["_host"] and set(results) == {"machine", "host"}
+    rows = [row for row in lines[-1].splitlines() if row.startswith("| host state")]
+    assert len(rows) == 2 and "each core 100/101 GFLOP/s" in rows[0] and "step 24.0 ms" in rows[1]
+    assert "host" not in B.BENCHES
