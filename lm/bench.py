@@ -315,25 +315,12 @@ def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float
     it), timed in phases: LSTM forward (embedding and layers), head forward, backward,
     update. Runs in a child process of its own (``lm bench --only host``): the probes
     change its thread count and affinity."""
-    import torch
+    from lm.batching import bptt_windows
+    from lm.model import detach
+    from lm.train import clipped_step
 
-    from lm.batching import batchify, bptt_windows
-    from lm.config import ModelConfig, TokenizerConfig
-    from lm.data import load_tokenizer, token_stream
-    from lm.model import LSTMLM, detach
-    from lm.train import bf16_autocast, clipped_step, set_threads
-
-    set_threads(0)
-    corpus = open_corpus(base)
-    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
-    data = batchify(token_stream(corpus, "train", tok), batch)
-    torch.manual_seed(0)
-    net = LSTMLM(ModelConfig(**(model or {"emb_dim": emb, "hidden_dim": hidden}) | {"head": "adaptive"}),
-                 tok.vocab_size).train()
-    params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=1.0)
-    tied = net.defer_tied_gradient()
-    autocast = bf16_autocast(torch.device("cpu")) or nullcontext()
+    net, params, opt, tied, bf16, data = _adaptive_training(base, batch, model or {"emb_dim": emb, "hidden_dim": hidden})
+    autocast = bf16 or nullcontext()
     state = {"windows": bptt_windows(data, bptt), "hidden": None}
 
     def step() -> tuple[float, ...]:
@@ -397,6 +384,28 @@ def _default_model(checkpoint: str | None):
     return cfg, LSTMLM(cfg.model, tok.vocab_size).eval(), tok, None
 
 
+def _adaptive_training(base: str, batch: int, model: dict):
+    """The adaptive-head model as ``lm train`` runs it on a CPU, for the single-model
+    benchmarks: (model, its parameters, SGD, the deferred tied gradient, bf16 autocast or
+    None, the batched training tokens)."""
+    import torch
+
+    from lm.batching import batchify
+    from lm.config import ModelConfig, TokenizerConfig
+    from lm.data import load_tokenizer, token_stream
+    from lm.model import LSTMLM
+    from lm.train import bf16_autocast, set_threads
+
+    set_threads(0)
+    corpus = open_corpus(base)
+    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
+    data = batchify(token_stream(corpus, "train", tok), batch)
+    torch.manual_seed(0)
+    net = LSTMLM(ModelConfig(**model | {"head": "adaptive"}), tok.vocab_size).train()
+    params = list(net.parameters())
+    return net, params, torch.optim.SGD(params, lr=1.0), net.defer_tied_gradient(), bf16_autocast(torch.device("cpu")), data
+
+
 def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 256, batch: int = 64,
                        bptt: int = 35, steps: int = 12) -> dict:
     """Where a training step's time goes, for the default model: data (the next BPTT
@@ -409,22 +418,12 @@ def bench_step_profile(base: str = "wikitext-2", emb: int = 256, hidden: int = 2
     The precision is training's: bf16 autocast where the CPU has native bf16."""
     import torch
 
-    from lm.batching import batchify, bptt_windows
-    from lm.config import ModelConfig, TokenizerConfig
-    from lm.data import load_tokenizer, token_stream
-    from lm.model import LSTMLM, detach
-    from lm.train import bf16_autocast, clipped_step, set_threads
+    from lm.batching import bptt_windows
+    from lm.model import detach
+    from lm.train import clipped_step
 
-    set_threads(0)
-    corpus = open_corpus(base)
-    tok = load_tokenizer(corpus, TokenizerConfig(text="tokenized"))
-    windows = bptt_windows(batchify(token_stream(corpus, "train", tok), batch), bptt)
-    torch.manual_seed(0)
-    model = LSTMLM(ModelConfig(emb_dim=emb, hidden_dim=hidden, head="adaptive"), tok.vocab_size).train()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1.0)
-    tied = model.defer_tied_gradient()  # as lm train runs it on a CPU
-    bf16 = bf16_autocast(torch.device("cpu"))
+    model, params, opt, tied, bf16, data = _adaptive_training(base, batch, {"emb_dim": emb, "hidden_dim": hidden})
+    windows = bptt_windows(data, bptt)
     autocast = bf16 or nullcontext()
     t = {"data": 0.0, "lstm": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
     hid = None

@@ -582,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")
-    b.add_argument("--only", nargs="+", choices=("train", "profile", "inference", "autocomplete", "cache", "host"),
+    from lm.bench import BENCHES, EXTRAS  # names only: lm.bench imports torch lazily
+
+    b.add_argument("--only", nargs="+", choices=BENCHES + EXTRAS,
                    help="run only these benchmarks (host, only when named: 2 minutes of the machine's state "
                         "beside the 2x200 training step's phases)")
     b.add_argument("--checkpoint", default="checkpoints/wikitext-2/best.pt",
