@@ -241,11 +241,16 @@ def core_gflops(seconds: float = 0.05) -> float:
     import torch
 
     a, b = torch.randn(128, 128), torch.randn(128, 128)
+    return _calls_per_s(lambda: torch.mm(a, b), seconds, least=3) * 2 * 128**3 / 1e9
+
+
+def _calls_per_s(fn, seconds: float, least: int = 2) -> float:
+    """How often ``fn()`` runs per second: called for ``seconds``, and at least ``least`` times."""
     n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or n < 3:
-        torch.mm(a, b)
+    while (elapsed := time.perf_counter() - start) < seconds or n < least:
+        fn()
         n += 1
-    return n * 2 * 128**3 / elapsed / 1e9
+    return n / elapsed
 
 
 def _core_probes(seconds: float = 0.1) -> dict:
@@ -265,11 +270,7 @@ def _core_probes(seconds: float = 0.1) -> dict:
     try:
         for core in cores[:8]:
             os.sched_setaffinity(0, {core})
-            n, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < seconds or n < 2:
-                torch.mm(a, b)
-                n += 1
-            per_core.append(round(n * 2 * 512**3 / elapsed / 1e9))
+            per_core.append(round(_calls_per_s(lambda: torch.mm(a, b), seconds) * 2 * 512**3 / 1e9))
     finally:
         if cores:
             os.sched_setaffinity(0, set(cores))
@@ -277,11 +278,7 @@ def _core_probes(seconds: float = 0.1) -> dict:
     out["one_core_gflops"] = per_core
     src = torch.ones(16 * 1024 * 1024)
     dst = torch.empty_like(src)
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or n < 2:
-        dst.copy_(src)
-        n += 1
-    out["memory_gb_per_s"] = round(n * 2 * src.numel() * 4 / elapsed / 1e9, 1)
+    out["memory_gb_per_s"] = round(_calls_per_s(lambda: dst.copy_(src), seconds) * 2 * src.numel() * 4 / 1e9, 1)
     return out
 
 
