@@ -304,19 +304,17 @@ def host_summary(samples: list[dict], fast_within: float = 0.1) -> dict:
     return out
 
 
-def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float = 2.0, emb: int = 200,
-               hidden: int = 200, batch: int = 20, bptt: int = 35, model: dict | None = None) -> dict:
-    """How the machine's state moves the 2x200 training step. A shared virtual machine
-    changes state from minute to minute; this alternates ``_core_probes`` with
-    ``sample_s`` seconds of the adaptive head's bf16 training step (as ``lm train`` runs
-    it), timed in phases: LSTM forward (embedding and layers), head forward, backward,
-    update. Runs in a child process of its own (``lm bench --only host``): the probes
-    change its thread count and affinity."""
+def _training_stepper(base: str, batch: int, bptt: int, model: dict):
+    """The adaptive head's training step as ``lm train`` runs it on a CPU (bf16 autocast
+    where native, the deferred tied gradient, the clip folded into SGD), over the corpus's
+    windows again and again: (the step, its architecture). Each call of the step runs one
+    step and returns its seconds in phases: (whole step, LSTM forward with the embedding,
+    head forward, backward, update)."""
     from lm.batching import bptt_windows
     from lm.model import detach
     from lm.train import clipped_step
 
-    net, params, opt, tied, bf16, data = _adaptive_training(base, batch, model or {"emb_dim": emb, "hidden_dim": hidden})
+    net, params, opt, tied, bf16, data = _adaptive_training(base, batch, model)
     autocast = bf16 or nullcontext()
     state = {"windows": bptt_windows(data, bptt), "hidden": None}
 
@@ -339,10 +337,30 @@ def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float
         t4 = time.perf_counter()
         return t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
-    warm, n = time.perf_counter(), 0  # first oneDNN's kernels for the clusters' shapes
-    while n < 2 or time.perf_counter() - warm < min(6.0, 3 * sample_s):
+    arch = (f"2x{model['hidden_dim']} tied adaptive, emb {model['emb_dim']}, batch {batch}x{bptt}"
+            f"{', bf16' if bf16 else ''}")
+    return step, arch
+
+
+def _warm_up(step, seconds: float, least: int = 2) -> None:
+    """Untimed steps first: oneDNN builds a kernel for each new matrix shape, and the
+    adaptive head meets new ones (its clusters' token counts) for its first hundred-odd steps."""
+    start, n = time.perf_counter(), 0
+    while n < least or time.perf_counter() - start < seconds:
         step()
         n += 1
+
+
+def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float = 2.0, emb: int = 200,
+               hidden: int = 200, batch: int = 20, bptt: int = 35, model: dict | None = None) -> dict:
+    """How the machine's state moves the 2x200 training step. A shared virtual machine
+    changes state from minute to minute; this alternates ``_core_probes`` with
+    ``sample_s`` seconds of the adaptive head's bf16 training step (as ``lm train`` runs
+    it), timed in phases: LSTM forward (embedding and layers), head forward, backward,
+    update. Runs in a child process of its own (``lm bench --only host``): the probes
+    change its thread count and affinity."""
+    step, _ = _training_stepper(base, batch, bptt, model or {"emb_dim": emb, "hidden_dim": hidden})
+    _warm_up(step, min(6.0, 3 * sample_s))
     samples, end = [], time.perf_counter() + seconds
     while not samples or time.perf_counter() < end:
         sample = _core_probes()
@@ -354,6 +372,39 @@ def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float
         samples.append(sample)
     return {"arch": f"2x{hidden} tied adaptive, bf16 where native, batch {batch}x{bptt}",
             "samples": samples, "states": host_summary(samples)}
+
+
+def bench_ops(base: str = "wikitext-2", emb: int = 256, hidden: int = 256, batch: int = 64, bptt: int = 35,
+              steps: int = 30, warmup_s: float = 6.0, top: int = 8, model: dict | None = None) -> dict:
+    """Where a training step's time goes, operator by operator (``lm bench --only ops``;
+    the default model unless told otherwise): ``torch.profiler`` over ``steps`` training
+    steps as ``lm train`` runs them on a CPU, after ``warmup_s`` seconds of untimed ones.
+    Each of the ``top`` operators with the most self time (time in the operator itself,
+    not in the operators it calls; the OpenMP threads' work counts in the operator that
+    started it) gets its share of the profiled total, its milliseconds and calls per
+    step; the rest is summed as "other". The same number of steps is timed without the
+    profiler first, whose bookkeeping per operator call makes profiled steps slower."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, arch = _training_stepper(base, batch, bptt, model or {"emb_dim": emb, "hidden_dim": hidden})
+    _warm_up(step, warmup_s)
+    plain = statistics.median(step()[0] for _ in range(steps))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict[str, list[float]] = {}  # operator -> [self microseconds, calls]
+    for event in prof.key_averages():
+        t = totals.setdefault(event.key, [0.0, 0])
+        t[0] += event.self_cpu_time_total
+        t[1] += event.count
+    total = sum(t for t, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    ops = [{"op": name, "share": round(t / total, 3), "self_ms_per_step": round(t / 1e3 / steps, 3),
+            "calls_per_step": round(n / steps, 1)} for name, (t, n) in ranked[:top]]
+    return {"arch": arch, "steps": steps, "step_ms": round(plain * 1e3, 2),
+            "profiled_step_ms": round(total / 1e3 / steps, 2),
+            "events_per_step": round(sum(n for _, n in totals.values()) / steps),  # operator calls, nested ones too
+            "ops": ops, "other_share": round(sum(t for _, (t, _) in ranked[top:]) / total, 3)}
 
 
 def _host_child(seconds: str) -> dict:
@@ -530,7 +581,7 @@ def bench_autocomplete(checkpoint: str | None, chars: int = 20_000) -> dict:
             "serve": requests_per_second(pred, text[:3000], requests=400, clients=4)}
 
 
-BENCHES = ("train", "profile", "inference", "autocomplete", "cache")  # what a plain ``lm bench`` runs
+BENCHES = ("train", "profile", "ops", "inference", "autocomplete", "cache")  # what a plain ``lm bench`` runs
 EXTRAS = ("host",)  # only when asked for (--only host): a diagnosis of the machine, 2 minutes
 
 
@@ -579,6 +630,16 @@ def run(only: list[str] | None = None, checkpoint: str | None = "checkpoints/wik
         log(f"training step of {r['arch']}: {r['step_ms']} ms = {share}; training peak RSS {r['train_peak_rss_mb']:.0f} MB")
         rows.append(("train step breakdown (default model)", f"{r['step_ms']} ms: {share}", ""))
         rows.append(("train peak RSS (default run)", f"{r['train_peak_rss_mb']:.0f} MB", ""))
+    if "ops" in want:
+        results["ops"] = []
+        for kw in ({}, {"emb": 200, "hidden": 200, "batch": 20}):  # the default model, then the 2x200
+            r = bench_ops(**kw)
+            results["ops"].append(r)
+            ops = ", ".join(f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in r["ops"][:6])
+            log(f"training step of {r['arch']} by operator (torch.profiler, self time): {r['step_ms']} ms "
+                f"unprofiled, {r['events_per_step']:,} operator calls (nested ones too); {ops}, other {r['other_share']:.0%}")
+            rows.append((f"train step by operator, {r['arch']}", f"{r['step_ms']} ms: {ops}, other {r['other_share']:.0%}",
+                         f"torch.profiler self time; {r['events_per_step']:,} operator calls per step, nested ones too"))
     if "inference" in want:
         r = bench_inference(checkpoint)
         results["inference"] = r

@@ -244,7 +244,7 @@ def test_bench_host_runs_only_when_named_and_fills_a_row_per_state(monkeypatch):
                                                                           "states": {"fast": state, "slow": state}})
     for name in B.BENCHES:  # a plain lm bench does not run it
         monkeypatch.setattr(B, {"train": "bench_train_heads", "profile": "bench_step_profile", "inference": "bench_inference",
-                                "autocomplete": "bench_autocomplete", "cache": "bench_cache"}[name],
+                                "autocomplete": "bench_autocomplete", "cache": "bench_cache", "ops": "bench_ops"}[name],
                             lambda *a, **k: pytest.fail("ran a benchmark that was not asked for"))
     lines: list[str] = []
     results = B.run(only=["host"], log=lines.append)
@@ -252,6 +252,41 @@ def test_bench_host_runs_only_when_named_and_fills_a_row_per_state(monkeypatch):
     rows = [row for row in lines[-1].splitlines() if row.startswith("| host state")]
     assert len(rows) == 2 and "each core 100/101 GFLOP/s" in rows[0] and "step 24.0 ms" in rows[1]
     assert "host" not in B.BENCHES
+
+
+def test_bench_ops_ranks_every_operator_of_the_real_step_by_self_time(tiny_corpus):
+    from lm.bench import bench_ops
+
+    model = {"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]}
+    r = bench_ops(str(tiny_corpus), batch=4, bptt=8, steps=3, warmup_s=0, top=10_000, model=model)
+    ops = r["ops"]
+    assert [o["share"] for o in ops] == sorted((o["share"] for o in ops), reverse=True)
+    assert r["other_share"] == 0 and sum(o["share"] for o in ops) == pytest.approx(1, abs=0.02)
+    assert sum(o["self_ms_per_step"] for o in ops) == pytest.approx(r["profiled_step_ms"], rel=0.02)
+    names = {o["op"] for o in ops}
+    assert any("lstm" in n or "rnn" in n for n in names)  # the step it profiles runs the LSTM kernel,
+    assert any("Optimizer.step" in n for n in names)  # and the optimiser's step
+    assert r["events_per_step"] >= sum(o["calls_per_step"] for o in ops) - 1 and r["step_ms"] > 0
+    top = bench_ops(str(tiny_corpus), batch=4, bptt=8, steps=3, warmup_s=0, top=3, model=model)
+    assert len(top["ops"]) == 3 and top["other_share"] > 0
+    assert sum(o["share"] for o in top["ops"]) + top["other_share"] == pytest.approx(1, abs=0.01)
+
+
+def test_bench_ops_fills_a_row_per_model_with_the_operators_shares(monkeypatch):
+    import lm.bench as B
+
+    def fake(**kw):
+        return {"arch": f"2x{kw.get('hidden', 256)}", "step_ms": 20.5, "events_per_step": 1800, "other_share": 0.2,
+                "ops": [{"op": "aten::mm", "share": 0.5, "self_ms_per_step": 10.0, "calls_per_step": 40.0},
+                        {"op": "Optimizer.step#SGD.step", "share": 0.3, "self_ms_per_step": 6.0, "calls_per_step": 1.0}]}
+
+    monkeypatch.setattr(B, "bench_ops", fake)
+    lines: list[str] = []
+    results = B.run(only=["ops"], log=lines.append)
+    assert [r["arch"] for r in results["ops"]] == ["2x256", "2x200"]  # the default model, then the 2x200
+    rows = [row for row in lines[-1].splitlines() if row.startswith("| train step by operator")]
+    assert len(rows) == 2 and "20.5 ms: mm 50%, Optimizer.step#SGD.step 30%, other 20%" in rows[0]
+    assert "1,800 operator calls per step" in rows[1]
 
 
 def test_step_profile_shares_cover_the_step(tiny_corpus):
