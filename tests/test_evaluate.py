@@ -267,7 +267,10 @@ def test_bench_ops_ranks_every_operator_of_the_real_step_by_self_time(tiny_corpu
     assert any("lstm" in n or "rnn" in n for n in names)  # the step it profiles runs the LSTM kernel,
     assert any("Optimizer.step" in n for n in names)  # and the optimiser's step
     assert r["events_per_step"] >= sum(o["calls_per_step"] for o in ops) - 1 and r["step_ms"] > 0
-    top = bench_ops(str(tiny_corpus), batch=4, bptt=8, steps=3, warmup_s=0, top=3, model=model)
+    from lm.bench import _child  # as lm bench runs it: in a process of its own, the result as JSON on stdout
+
+    top = _child("_ops", json.dumps({"base": str(tiny_corpus), "batch": 4, "bptt": 8, "steps": 3, "warmup_s": 0,
+                                     "top": 3, "model": model}))
     assert len(top["ops"]) == 3 and top["other_share"] > 0
     assert sum(o["share"] for o in top["ops"]) + top["other_share"] == pytest.approx(1, abs=0.01)
 
@@ -280,7 +283,7 @@ def test_bench_ops_fills_a_row_per_model_with_the_operators_shares(monkeypatch):
                 "ops": [{"op": "aten::mm", "share": 0.5, "self_ms_per_step": 10.0, "calls_per_step": 40.0},
                         {"op": "Optimizer.step#SGD.step", "share": 0.3, "self_ms_per_step": 6.0, "calls_per_step": 1.0}]}
 
-    monkeypatch.setattr(B, "bench_ops", fake)
+    monkeypatch.setattr(B, "_child", lambda fn, kwargs: fake(**json.loads(kwargs)) if fn == "_ops" else pytest.fail(fn))
     lines: list[str] = []
     results = B.run(only=["ops"], log=lines.append)
     assert [r["arch"] for r in results["ops"]] == ["2x256", "2x200"]  # the default model, then the 2x200
