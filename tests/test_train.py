@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from lm import checkpoint
 from lm.config import ModelConfig
 from lm.train import native_bf16, train
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 
 def test_tiny_model_learns_a_deterministic_sequence(tmp_path):
@@ -48,6 +51,22 @@ def test_max_steps_budget_stops_mid_epoch(tiny_corpus, tmp_path):
                     log=lambda *a: None)
     assert summary["steps"] == 7 and summary["epochs"] == 1
     assert "max-steps" in summary["stopped"]
+
+
+def test_training_from_local_text_and_its_token_cache_never_imports_datasets(tiny_corpus, tmp_path):
+    # A GPU machine without a package registry may lack `datasets`: local corpora must not
+    # need it. A fresh interpreter where `import datasets` fails runs the real `lm train`
+    # twice: the first run builds the token cache, the second trains from it.
+    script = ("import sys; sys.modules['datasets'] = None; from lm.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    for run in ("first", "again"):
+        proc = subprocess.run([sys.executable, "-c", script, "train", "--corpus", str(tiny_corpus), "--run",
+                               str(tmp_path / run), "--emb-dim", "16", "--hidden-dim", "16", "--cutoffs", "10,20",
+                               "--batch-size", "4", "--bptt", "8", "--max-steps", "3", "--quiet", "--json"],
+                              capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 3
 
 
 def test_same_seed_same_weights(tiny_corpus, tmp_path):
