@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -39,7 +40,9 @@ def _child(fn: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "lm.bench", fn, *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     if proc.returncode:
-        raise DataError(f"benchmark {fn} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        # the child's last line of stderr is its exception; an lm error's message is the whole story
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise DataError(re.sub(r"^lm\.errors\.\w+: ", "", last) if last.startswith("lm.errors.") else f"benchmark {fn} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -301,3 +301,13 @@ def test_step_profile_shares_cover_the_step(tiny_corpus):
     # (the LSTM is timed in a pass of its own, so on a tiny model noise may tip it over)
     assert all(v >= 0 for v in r["share"].values()) and sum(r["share"].values()) >= 0.99
     assert r["share"]["data"] + r["share"]["optimizer"] < 1
+
+
+def test_a_failing_bench_child_reports_the_lm_error_as_its_own_one_line_message(tmp_path):
+    from lm.bench import _child
+    from lm.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        _child("_ops", json.dumps({"base": str(tmp_path / "nowhere")}))
+    message = str(e.value)
+    assert "nowhere" in message and "\n" not in message and not message.startswith(("lm.errors", "benchmark"))
