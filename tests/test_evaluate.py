@@ -255,7 +255,7 @@ def test_bench_host_runs_only_when_named_and_fills_a_row_per_state(monkeypatch):
 
 
 def test_bench_ops_ranks_every_operator_of_the_real_step_by_self_time(tiny_corpus):
-    from lm.bench import bench_ops
+    from lm.bench import _child, bench_ops
 
     model = {"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]}
     r = bench_ops(str(tiny_corpus), batch=4, bptt=8, steps=3, warmup_s=0, top=10_000, model=model)
@@ -267,8 +267,7 @@ def test_bench_ops_ranks_every_operator_of_the_real_step_by_self_time(tiny_corpu
     assert any("lstm" in n or "rnn" in n for n in names)  # the step it profiles runs the LSTM kernel,
     assert any("Optimizer.step" in n for n in names)  # and the optimiser's step
     assert r["events_per_step"] >= sum(o["calls_per_step"] for o in ops) - 1 and r["step_ms"] > 0
-    from lm.bench import _child  # as lm bench runs it: in a process of its own, the result as JSON on stdout
-
+    # as lm bench runs it: in a process of its own, the result as JSON on stdout
     top = _child("_ops", json.dumps({"base": str(tiny_corpus), "batch": 4, "bptt": 8, "steps": 3, "warmup_s": 0,
                                      "top": 3, "model": model}))
     assert len(top["ops"]) == 3 and top["other_share"] > 0
