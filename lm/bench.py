@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -16,8 +15,11 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from lm import errors
 from lm.corpus import open_corpus
 from lm.errors import DataError
+
+LM_ERROR_EXIT = 3  # a child benchmark's exit code for an lm error, reported as JSON on stdout
 
 CACHE_TARGET_TOKENS = 100_000_000  # the data-layer target: a 100M-token corpus
 
@@ -39,11 +41,13 @@ def _child(fn: str, *args: str) -> dict:
     (which carries the child's own peak RSS)."""
     proc = subprocess.run([sys.executable, "-m", "lm.bench", fn, *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode in (0, LM_ERROR_EXIT) else None
+    if proc.returncode == LM_ERROR_EXIT:  # an expected failure: the child's own error, raised again here
+        raise getattr(errors, result["error"], errors.LMError)(result["message"])
     if proc.returncode:
-        # the child's last line of stderr is its exception; an lm error's message is the whole story
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        raise DataError(re.sub(r"^lm\.errors\.\w+: ", "", last) if last.startswith("lm.errors.") else f"benchmark {fn} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise DataError(f"benchmark {fn} failed: {last}")
+    return result
 
 
 def bench_cache(base: str = "wikitext-2", tokens: int = CACHE_TARGET_TOKENS) -> dict:
@@ -362,7 +366,7 @@ def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float
     it), timed in phases: LSTM forward (embedding and layers), head forward, backward,
     update. Runs in a child process of its own (``lm bench --only host``): the probes
     change its thread count and affinity."""
-    step, _ = _training_stepper(base, batch, bptt, model or {"emb_dim": emb, "hidden_dim": hidden})
+    step, arch = _training_stepper(base, batch, bptt, model or {"emb_dim": emb, "hidden_dim": hidden})
     _warm_up(step, min(6.0, 3 * sample_s))
     samples, end = [], time.perf_counter() + seconds
     while not samples or time.perf_counter() < end:
@@ -373,8 +377,7 @@ def bench_host(base: str = "wikitext-2", seconds: float = 120.0, sample_s: float
         for i, name in enumerate(("step_ms", "lstm_forward_ms", "head_forward_ms", "backward_ms", "update_ms")):
             sample[name] = round(statistics.median(t[i] for t in times) * 1e3, 2)
         samples.append(sample)
-    return {"arch": f"2x{hidden} tied adaptive, bf16 where native, batch {batch}x{bptt}",
-            "samples": samples, "states": host_summary(samples)}
+    return {"arch": arch, "samples": samples, "states": host_summary(samples)}
 
 
 def bench_ops(base: str = "wikitext-2", emb: int = 256, hidden: int = 256, batch: int = 64, bptt: int = 35,
@@ -706,5 +709,9 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
 
 if __name__ == "__main__":
     fn, *args = sys.argv[1:]
-    print(json.dumps({"_cache": _cache_child, "_train_rss": _train_rss_child, "_host": _host_child,
-                      "_ops": _ops_child}[fn](*args)))
+    try:
+        print(json.dumps({"_cache": _cache_child, "_train_rss": _train_rss_child, "_host": _host_child,
+                          "_ops": _ops_child}[fn](*args)))
+    except errors.LMError as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        sys.exit(LM_ERROR_EXIT)

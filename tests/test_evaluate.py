@@ -302,11 +302,14 @@ def test_step_profile_shares_cover_the_step(tiny_corpus):
     assert r["share"]["data"] + r["share"]["optimizer"] < 1
 
 
-def test_a_failing_bench_child_reports_the_lm_error_as_its_own_one_line_message(tmp_path):
+def test_a_failing_bench_child_raises_the_childs_own_lm_error_again(tmp_path):
     from lm.bench import _child
+    from lm.corpus import open_corpus
     from lm.errors import DataError
 
-    with pytest.raises(DataError) as e:
-        _child("_ops", json.dumps({"base": str(tmp_path / "nowhere")}))
-    message = str(e.value)
-    assert "nowhere" in message and "\n" not in message and not message.startswith(("lm.errors", "benchmark"))
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError) as expected:
+        open_corpus(missing)
+    with pytest.raises(DataError) as e:  # the same class and the same one-line message, from the child process
+        _child("_ops", json.dumps({"base": missing}))
+    assert str(e.value) == str(expected.value) and "\n" not in str(e.value)
