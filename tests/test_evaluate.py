@@ -157,7 +157,11 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     fastest = r.get("adaptive_bf16_tokens_per_s", r["adaptive_tokens_per_s"])
     assert math.isclose(r["speedup_vs_examples"], fastest / r["examples_tokens_per_s"], rel_tol=0.02)
     assert math.isclose(r["speedup"], r["adaptive_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02)
-    assert ("speedup_bf16" in r) == native_bf16(torch.device("cpu"))
+    assert ("speedup_bf16" in r) == native_bf16(torch.device("cpu")) == ("full_bf16_tokens_per_s" in r)
+    if "speedup_bf16" in r:  # the head's gain at equal precision, beside its gain over the fp32 full softmax
+        assert math.isclose(r["speedup_same_precision"], r["adaptive_bf16_tokens_per_s"] / r["full_bf16_tokens_per_s"],
+                            rel_tol=0.02)
+        assert math.isclose(r["speedup_bf16"], r["adaptive_bf16_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02)
     rounds = r["round_tokens_per_s"]  # each variant's rate is the median of its rounds
     assert all(len(v) == 2 for v in rounds.values())
     assert abs(r["full_tokens_per_s"] - statistics.median(rounds["full"])) <= 1
@@ -194,6 +198,7 @@ def test_bench_table_names_the_machine_and_each_rounds_ratio_range(monkeypatch):
 
     fake = {"arch": "2x8 tied", "full_tokens_per_s": 100, "adaptive_tokens_per_s": 500, "speedup": 5.0,
             "adaptive_bf16_tokens_per_s": 800, "speedup_bf16": 8.0, "round_speedups": [7.5, 8.25, 8.5],
+            "full_bf16_tokens_per_s": 250, "speedup_same_precision": 3.2,
             "round_core_gflops": [120, 150, 180]}
     monkeypatch.setattr(B, "bench_train_heads", lambda **kw: fake)
     lines: list[str] = []
@@ -202,6 +207,9 @@ def test_bench_table_names_the_machine_and_each_rounds_ratio_range(monkeypatch):
     assert results["machine"]["cores"] == os.cpu_count() and table[2].startswith("| machine |")
     bf16_rows = [row for row in table if ", bf16 |" in row]
     assert len(bf16_rows) == 2 and all("rounds 7.50-8.50x, core speed 120-180 GFLOP/s" in row for row in bf16_rows)
+    same = [row for row in table if "both under bf16" in row]  # the head's own gain, and bf16's alone
+    assert len(same) == 2 and all("full + bf16 250 / adaptive + bf16 800 = 3.20x" in row and "2.50x" in row
+                                  for row in same)
 
 
 def test_host_summary_groups_samples_by_the_two_thread_probe():
