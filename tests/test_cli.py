@@ -93,10 +93,14 @@ def test_bad_flags_and_missing_files_are_one_line_errors(args, code, match):
 
 def test_corrupt_truncated_and_foreign_checkpoints_are_refused(tiny_run, tmp_path):
     good = (tiny_run / "best.pt").read_bytes()
-    cases = {"random.pt": os.urandom(4096), "truncated.pt": good[: len(good) // 2], "empty.pt": b""}
-    for name, data in cases.items():
+    cases = {"random.pt": (b"\x00" + os.urandom(4095), "not a checkpoint file"),
+             "text.pt": (b"hello, I am not a model\n", "not a checkpoint file"),
+             "truncated.pt": (good[: len(good) // 2], "truncated or corrupt"), "empty.pt": (b"", "is empty")}
+    for name, (data, why) in cases.items():
         (tmp_path / name).write_bytes(data)
-        assert_one_line_error(run_lm("eval", tmp_path / name), 1, name)
+        proc = run_lm("eval", tmp_path / name)
+        assert_one_line_error(proc, 1, name)
+        assert why in proc.stderr
     torch.save({"some": "dict"}, tmp_path / "foreign.pt")
     assert_one_line_error(run_lm("eval", tmp_path / "foreign.pt"), 1, "not an lm checkpoint")
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
