@@ -43,10 +43,18 @@ PHRASE_WORDS = 3  # length of the grey phrase
 PHRASE_BEAM = 2  # its beam width: a keystroke budget, not a search for the best phrase
 
 
+def _no_suggestions(s: Suggestions) -> str:
+    """What to show when nothing fits; a long prefix is cut, so the line stays a line."""
+    if s.kind != "complete":
+        return "no suggestions"
+    prefix = s.prefix if len(s.prefix) <= 40 else s.prefix[:40] + "…"
+    return f"no known word starts with {prefix!r}"
+
+
 def format_suggestions(s: Suggestions) -> str:
     """One line: "next: the 20.6%  a 2.3%" or "Uni… United 0.1%  Union 0.0%"."""
     if not s.items:
-        return f"no known word starts with {s.prefix!r}" if s.kind == "complete" else "no suggestions"
+        return _no_suggestions(s)
     body = "  ".join(f"{c.text} {c.prob:.1%}" for c in s.items)
     return f"{s.prefix}… {body}" if s.kind == "complete" else f"next: {body}"
 
@@ -54,7 +62,7 @@ def format_suggestions(s: Suggestions) -> str:
 def format_toolbar(s: Suggestions) -> str:
     """The live toolbar: the suggestions numbered for Alt-n, then the keys."""
     if not s.items:
-        head = f"no known word starts with {s.prefix!r}" if s.kind == "complete" else "no suggestions"
+        head = _no_suggestions(s)
     else:
         head = ("next  " if s.kind == "next" else f"{s.prefix}…  ") + "   ".join(
             f"{n} {c.text} {c.prob:.1%}" for n, c in enumerate(s.items[:9], 1))

@@ -48,6 +48,17 @@ def test_odd_input_never_breaks_the_one_line_rule(pred, tmp_path):
     assert out[18].startswith("usage: :k") and out[19].startswith("usage: :gen")
 
 
+def test_a_long_unknown_prefix_is_cut_in_the_no_suggestions_line(pred):
+    from lm.predict import Suggestions
+    from lm.repl import format_suggestions, format_toolbar
+
+    out = lines_out(pred, "q" * 5000 + "\n")
+    assert out == [f"no known word starts with {'q' * 40 + '…'!r}"]
+    short = Suggestions(kind="complete", prefix="qqz", items=[])
+    assert format_suggestions(short) == "no known word starts with 'qqz'"
+    assert format_toolbar(short).splitlines()[0] == "no known word starts with 'qqz'"
+
+
 def test_bytes_that_are_not_utf8_on_stdin_do_not_crash(pred):
     stdin = io.TextIOWrapper(io.BytesIO(b"the \xff\xfe cat\n:quit\n"), encoding="utf-8")  # strict, as in a UTF-8 locale
     out = io.StringIO()
