@@ -121,10 +121,11 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     from elsewhere that slows one round does not count, for any variant). The full
     softmax runs in fp32, as pytorch/examples does, and where bf16 is native also under
     bf16 autocast (as ``lm train --head full`` runs it), so that the head's own gain at
-    equal precision shows beside the one against fp32 (``speedup_same_precision``). With ``examples`` (where the
-    embedding and hidden sizes are equal), pytorch/examples' own training step runs in
-    the rounds too (``_examples_model``: its model, ``clip_grad_norm_`` and its manual
-    SGD update), under the same allocator settings. Each variant first trains untimed
+    equal precision shows beside the one against fp32 (``speedup_same_precision``). With
+    ``examples`` (where the embedding and hidden sizes are equal), pytorch/examples' own
+    training step runs in the rounds too (``_examples_model``: its model,
+    ``clip_grad_norm_`` and its manual SGD update), under the same allocator settings.
+    Each variant first trains untimed
     for ``warmup_s`` seconds (at least two steps): oneDNN builds a kernel for each new
     matrix shape, and the adaptive head meets a new one whenever a cluster gets a token
     count it has not had before, so its first hundred-odd steps run up to a third slower

@@ -159,8 +159,11 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: train one first (make train, or "
                               "lm train --run DIR) and pass its best.pt")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     if not head:
         raise CheckpointError(f"{path} is empty (0 bytes): use another checkpoint (last.pt / best.pt) or retrain")
     if head != b"PK\x03\x04" and head[0] != 0x80:  # neither torch.save's zip archive nor a pickle
