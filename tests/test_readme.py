@@ -58,3 +58,18 @@ def test_every_make_target_in_the_readme_exists():
     shown |= set(re.findall(r"^make ([a-z][\w-]*)", (REPO / "README.md").read_text(encoding="utf-8"), re.M))
     assert {"train", "test", "bench"} <= shown
     assert shown <= targets, f"the README names make targets the Makefile lacks: {sorted(shown - targets)}"
+
+
+def test_every_flag_and_argument_has_help_text():
+    """`lm X --help` is the manual at hand: no option may appear there unexplained."""
+    import argparse
+
+    def unexplained(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    yield from unexplained(p, f"{name} {sub}")
+            elif not action.help:
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(unexplained(build_parser(), "lm")) == []
