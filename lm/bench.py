@@ -125,11 +125,11 @@ def bench_train_heads(base: str = "wikitext-2", emb: int = 200, hidden: int = 20
     ``examples`` (where the embedding and hidden sizes are equal), pytorch/examples' own
     training step runs in the rounds too (``_examples_model``: its model,
     ``clip_grad_norm_`` and its manual SGD update), under the same allocator settings.
-    Each variant first trains untimed
-    for ``warmup_s`` seconds (at least two steps): oneDNN builds a kernel for each new
-    matrix shape, and the adaptive head meets a new one whenever a cluster gets a token
-    count it has not had before, so its first hundred-odd steps run up to a third slower
-    than the rest of a training run (the full softmax's shapes never change)."""
+    Each variant first trains untimed for ``warmup_s`` seconds (at least two steps):
+    oneDNN builds a kernel for each new matrix shape, and the adaptive head meets a new
+    one whenever a cluster gets a token count it has not had before, so its first
+    hundred-odd steps run up to a third slower than the rest of a training run (the full
+    softmax's shapes never change)."""
     import torch
 
     from lm.batching import batchify, bptt_windows

@@ -362,9 +362,9 @@ def _predictor(args: argparse.Namespace):
     return pred
 
 
-def _check_k(k: int) -> None:
-    if not 1 <= k <= 1000:
-        raise ConfigError(f"--k must be between 1 and 1000, got {k}")
+def _check_k(k: int, most: int = 1000) -> None:
+    if not 1 <= k <= most:
+        raise ConfigError(f"--k must be between 1 and {most}, got {k}")
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -379,9 +379,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
-    from lm.repl import run
+    from lm.repl import MAX_K, run
 
-    _check_k(args.k)
+    _check_k(args.k, MAX_K)  # the same bound as the REPL's own :k
     return run(_predictor(args), k=args.k, plain=args.plain)
 
 
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("repl", help="interactive autocomplete")
     r.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
-    r.add_argument("--k", type=int, default=5, help="suggestions per line, 1 to 1,000 (default: 5; :k N changes it)")
+    r.add_argument("--k", type=int, default=5, help="suggestions per line, 1 to 100 (default: 5; :k N changes it)")
     r.add_argument("--plain", action="store_true", help="line mode even on a terminal (as when input is piped)")
     _predictor_flags(r)
     r.set_defaults(func=cmd_repl)

@@ -85,6 +85,7 @@ def test_repl_scripted_one_line_per_input_line(tiny_run):
     (["train", "--frobnicate"], 2, "unrecognized arguments"),
     (["eval", "/no/such.pt"], 1, "not found"),
     (["complete", "/no/such.pt", "x", "--k", "0"], 2, "--k must be"),
+    (["repl", "/no/such.pt", "--k", "101"], 2, "--k must be between 1 and 100"),  # the REPL's own :k bound
     (["generate", "/no/such.pt", "--top-p", "0"], 2, "--top-p"),
 ])
 def test_bad_flags_and_missing_files_are_one_line_errors(args, code, match):

@@ -54,8 +54,8 @@ def test_every_command_in_the_readme_parses(line, command):
 
 def test_every_make_target_in_the_readme_exists():
     targets = set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
-    shown = set(re.findall(r"`make ([a-z][\w-]*)", (REPO / "README.md").read_text(encoding="utf-8")))
-    shown |= set(re.findall(r"^make ([a-z][\w-]*)", (REPO / "README.md").read_text(encoding="utf-8"), re.M))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"`make ([a-z][\w-]*)", readme)) | set(re.findall(r"^make ([a-z][\w-]*)", readme, re.M))
     assert {"train", "test", "bench"} <= shown
     assert shown <= targets, f"the README names make targets the Makefile lacks: {sorted(shown - targets)}"
 
