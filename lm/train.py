@@ -43,6 +43,7 @@ from lm.tokenizer import Tokenizer
 # Fault injection for tests, read from the environment once per run:
 FAIL_AT_STEP = "LM_FAIL_AT_STEP"  # SIGKILL this process right after that step (and its periodic save)
 FAIL_IN_SAVE = "LM_FAIL_IN_SAVE"  # SIGKILL it inside the save at that step: temporary file written, not yet renamed
+STOP_AT_STEP = "LM_STOP_AT_STEP"  # STEP or STEP@RANK: a stop request (as Ctrl-C makes) at that step, on that rank only
 NAN_AT_STEP = "LM_NAN_AT_STEP"  # comma-separated steps whose loss becomes NaN; a step listed n times, its first n runs
 ROLLBACK_LR_FACTOR = 0.5  # each rollback after a non-finite loss multiplies the learning rate by this
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_rollbacks", "save_every", "patience", "log_every", "threads",
@@ -227,6 +228,22 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
         raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                           "choose another --run, or pass --overwrite to replace it")
     rank, world = _init_distributed(tc)
+    try:
+        return _train(cfg, run_dir, rank, world, resume=resume, progress=progress, log=log)
+    except torch.distributed.DistError as e:  # a collective broke off: a rank stopped, or the network
+        why = (str(e).strip().splitlines() or ["no reason given"])[0][:200]
+        raise LMError(f"rank {rank} lost the other ranks ({why}): another rank's error above says why, or the "
+                      f"network failed; fix that and train again (lm train --resume {run_dir} continues from "
+                      "its last save)") from None
+    finally:  # on every way out, errors included: a rank that exits with its process group
+        # alive can abort (SIGABRT) in the interpreter's teardown, its one-line error lost
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, progress: bool, log) -> dict:
+    """The body of ``train`` on one rank of ``world``."""
+    tc, dc = cfg.train, cfg.data
     lead = rank == 0
     if lead:  # nowhere to save is an error now, not at the first checkpoint an hour from now
         checkpoint.check_writable(run_dir)
@@ -241,9 +258,13 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     autocast = bf16_autocast(device) if tc.bf16 else None
 
     corpus = open_corpus(dc.corpus, strict=dc.strict, held_out=dc.held_out)
+    if not lead:  # rank 0 trains the tokenizer and tokenizes first; the others then read its cache
+        _barrier("before its data was ready")
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt else load_tokenizer(corpus, cfg.tokenizer)
     train_ids = _shard(token_stream(corpus, "train", tokenizer, progress=progress and lead), rank, world)
     valid_ids = _shard(token_stream(corpus, "valid", tokenizer, progress=progress and lead), rank, world)
+    if lead and world > 1:
+        _barrier("while reading the data")
     if train_ids.numel() < 2 * dc.batch_size:
         raise DataError(f"the training split has {train_ids.numel()} tokens, fewer than two per "
                         f"lane of --batch-size {dc.batch_size}: lower --batch-size or add text")
@@ -362,7 +383,8 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     fail_in_save = int(os.environ.get(FAIL_IN_SAVE, "0"))
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
-    deadline = start + tc.max_minutes * 60 if tc.max_minutes else math.inf
+    limit_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
+    stop_at = _stop_request_step(rank)
     log_s = 0.0  # training seconds (evaluations left out) since the last log record, before t0
     with _stop_requests() as requested:
         while state["epoch"] <= tc.epochs and not stop:
@@ -375,12 +397,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                        dynamic_ncols=True, leave=False)
             windows = bptt_windows(data, dc.bptt, state["pos"], bptt_rng if tc.variable_bptt else None)
             for pos, x, y in windows:
-                used = budget_used(tc, epoch - 1 + pos / columns, state["step"], time.monotonic() - start)
-                lr = state["lr"] * anneal_factor(tc.anneal, used)
-                if tc.variable_bptt:  # a longer window sums more terms: keep the step per token
-                    lr *= x.size(1) / dc.bptt
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 with autocast or nullcontext():
                     features, hidden, raw = model(x, detach(hidden) if hidden else None, return_raw=True)
                     nll = model.nll(features, y).float().mean()
@@ -392,8 +408,17 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                 if tied:
                     tied.clear()
                 loss.backward()
-                if world > 1:  # the ranks' losses ride along, so that all of them see a NaN at once
-                    nll_everywhere = _average_gradients(model, world, nll.detach())
+                seconds = time.monotonic() - start
+                asked = requested() or state["step"] + 1 == stop_at
+                if world > 1:  # one all-reduce; the ranks' losses, clocks and stop requests ride along,
+                    # so that all of them see a NaN, follow one clock and stop after the same step
+                    nll_everywhere, seconds, asked = _average_gradients(model, world, nll.detach(), seconds, asked)
+                used = budget_used(tc, epoch - 1 + pos / columns, state["step"], seconds)
+                lr = state["lr"] * anneal_factor(tc.anneal, used)
+                if tc.variable_bptt:  # a longer window sums more terms: keep the step per token
+                    lr *= x.size(1) / dc.bptt
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 clipped_step(optimizer, params, tc.clip, tied)
                 state["step"] += 1
                 state["pos"] = pos + x.size(1)
@@ -424,9 +449,9 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                     _kill_self()
                 if tc.max_steps and state["step"] >= tc.max_steps:
                     stop = f"--max-steps {tc.max_steps} reached"
-                elif time.monotonic() > deadline:
+                elif seconds > limit_s:
                     stop = f"--max-minutes {tc.max_minutes:g} reached"
-                elif requested():
+                elif asked:
                     stop = "interrupted"
                 if stop:
                     break
@@ -474,8 +499,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
                "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
                "checkpoint": str(run_dir / "best.pt"), "rollbacks": state["rollbacks"]}
     log_metrics({"summary": summary})
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return summary
 
 
@@ -541,27 +564,49 @@ def _init_distributed(tc) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def _barrier(when: str) -> None:
+    """Wait for every rank. A rank that failed meanwhile (its own one-line error says why)
+    makes this one stop with a one-line error too, not a traceback."""
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:  # torch.distributed.DistError included
+        raise LMError(f"another rank of this distributed run stopped {when}: its error above says why") from None
+
+
+def _stop_request_step(rank: int) -> int:
+    """The step at which fault injection (LM_STOP_AT_STEP) asks this rank to stop; 0: never."""
+    step, _, only = os.environ.get(STOP_AT_STEP, "").partition("@")
+    return int(step) if step and (not only or int(only) == rank) else 0
+
+
 def _shard(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous slice; every rank gets the same length (same step count)."""
     n = ids.numel() // world
     return ids[rank * n : (rank + 1) * n] if world > 1 else ids
 
 
-def _average_gradients(model: torch.nn.Module, world: int, loss: torch.Tensor) -> torch.Tensor:
+def _average_gradients(model: torch.nn.Module, world: int, loss: torch.Tensor, seconds: float,
+                       asked: bool) -> tuple[torch.Tensor, float, bool]:
     """One all-reduce over all gradients, flattened (a missing gradient counts as 0), with
-    this rank's ``loss`` riding along. Returns the ranks' mean loss: NaN if any is."""
+    this rank's ``loss``, clock (``seconds`` into the run) and stop request riding along.
+    Returns what every rank then agrees on: the mean loss (NaN if any rank's is), the mean
+    clock, and whether any rank asked to stop. Deciding a time budget or a Ctrl-C on each
+    rank's own clock would let one rank stop a step before another, which then waits in a
+    collective the first never joins."""
     params = list(model.parameters())
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(params[0].grad.dtype)])
+    dtype = params[0].grad.dtype
+    extra = torch.tensor([seconds, float(asked)], dtype=dtype)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(dtype), extra])
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
-    return flat[-1]
+    return flat[-3], flat[-2].item(), flat[-1].item() > 0
 
 
 def _truncate_metrics(path: Path, step: int, rollbacks: int) -> None:

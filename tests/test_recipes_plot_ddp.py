@@ -3,11 +3,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lm.cli import main
 from lm.recipes import RECIPES, recipe
 from lm.train import build_config
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 
 def test_recipes_listed_and_flags_override_them(capsys):
@@ -28,17 +30,59 @@ def test_plot_draws_a_png(tiny_run, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_two_process_data_parallel_on_cpu(tiny_corpus, tmp_path):
-    run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run-dir", str(run), "--emb-dim", "16",
+def _torchrun(corpus, run, logs, *flags, env=()):
+    """``lm train`` on two CPU ranks (gloo) on a free port. Returns the exit code and each
+    rank's stdout and stderr, which torchrun writes to files (so a failure shows the rank's
+    own error, not only the launcher's report)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(logs), "--redirects", "3",
+           "-m", "lm", "train", "--corpus", str(corpus), "--run-dir", str(run), "--emb-dim", "16",
            "--hidden-dim", "16", "--batch-size", "4", "--epochs", "1", "--max-minutes", "0", "--threads", "1",
-           "--log-every", "5", "--quiet", "--json"]
+           "--log-every", "5", "--quiet", "--json", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summaries = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    assert len(summaries) == 2 and summaries[0]["steps"] == summaries[1]["steps"] > 0
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **dict(env)))
+    ranks = {int(d.name): (d / "stdout.log", d / "stderr.log") for d in logs.rglob("*") if d.name in ("0", "1")}
+    out = {r: tuple(f.read_text() if f.exists() else "" for f in files) for r, files in ranks.items()}
+    report = "\n".join(f"rank {r} stderr:\n{err[-1500:]}" for r, (_, err) in sorted(out.items()))
+    assert proc.returncode == 0, f"{proc.stderr[-1000:]}\n{report}"
+    return [json.loads(next(l for l in o.splitlines() if l.startswith("{"))) for _, (o, _) in sorted(out.items())]
+
+
+def test_two_process_data_parallel_on_cpu(tiny_corpus, tmp_path):
+    """Two ranks: a stop request on one rank alone (as a Ctrl-C that reached it first)
+    stops both after the same step, rank 0 saves it, and the run resumes to the end of
+    its epoch, evaluated, with one metrics writer."""
+    run = tmp_path / "ddp"
+    first = _torchrun(tiny_corpus, run, tmp_path / "logs1", env={"LM_STOP_AT_STEP": "3@1"})
+    assert [s["steps"] for s in first] == [3, 3] and {s["stopped"] for s in first} == {"interrupted"}
+    summaries = _torchrun(tiny_corpus, run, tmp_path / "logs2", "--resume", str(run))
+    assert len(summaries) == 2 and summaries[0]["steps"] == summaries[1]["steps"] > 3
+    assert summaries[0]["stopped"] == "all epochs done"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sum("summary" in r for r in records) == 1  # one writer
+    assert sum("summary" in r for r in records) == 1  # one writer; the resume drops the first run's summary with its undone steps
     assert any("valid_ppl" in r for r in records)
+
+
+def test_a_rank_that_loses_the_others_stops_with_one_line(tiny_corpus, tmp_path, monkeypatch):
+    """A broken collective (another rank died, or the network) and a failed barrier are
+    one-line errors naming what to do, and the process group is torn down on the way out."""
+    import torch
+
+    import lm.train as lt
+    from lm.errors import LMError
+
+    torn_down = []
+    monkeypatch.setattr(lt, "_init_distributed", lambda tc: (1, 2))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: torn_down.append(1))
+
+    def broken(*a, **k):
+        raise torch.distributed.DistBackendError("Connection closed by peer [127.0.0.1]:5000\nmore detail")
+
+    monkeypatch.setattr(lt, "_train", broken)
+    with pytest.raises(LMError, match=r"^rank 1 lost the other ranks \(Connection closed by peer \[127.0.0.1\]:5000\)"):
+        lt.train(tiny_config(tiny_corpus), tmp_path / "run", progress=False)
+    assert torn_down == [1]
+    monkeypatch.setattr(torch.distributed, "barrier", broken)
+    with pytest.raises(LMError, match="another rank of this distributed run stopped before its data was ready"):
+        lt._barrier("before its data was ready")
