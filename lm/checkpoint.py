@@ -156,6 +156,9 @@ def load(path: str | Path) -> dict:
             if (path / name).is_file():
                 path = path / name
                 break
+    if path.exists() and not path.is_file():  # /dev/null, a fifo, a directory without a checkpoint
+        what = "a directory with no best.pt or last.pt in it" if path.is_dir() else "not a regular file"
+        raise CheckpointError(f"{path} is {what}: pass the best.pt or last.pt that lm train wrote")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: train one first (make train, or "
                               "lm train --run DIR) and pass its best.pt")

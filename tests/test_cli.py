@@ -84,6 +84,8 @@ def test_repl_scripted_one_line_per_input_line(tiny_run):
     (["train", "--corpus", "/no/such/corpus"], 1, "not found"),
     (["train", "--frobnicate"], 2, "unrecognized arguments"),
     (["eval", "/no/such.pt"], 1, "not found"),
+    (["eval", "/dev/null"], 1, "/dev/null is not a regular file"),
+    (["eval", "tests"], 1, "tests is a directory with no best.pt or last.pt in it"),
     (["complete", "/no/such.pt", "x", "--k", "0"], 2, "--k must be"),
     (["repl", "/no/such.pt", "--k", "101"], 2, "--k must be between 1 and 100"),  # the REPL's own :k bound
     (["generate", "/no/such.pt", "--top-p", "0"], 2, "--top-p"),
