@@ -276,7 +276,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
     tied = model.defer_tied_gradient(world == 1 and device.type == "cpu")
     state = {"epoch": 1, "pos": 0, "step": 0, "lr": tc.lr, "best_val_loss": math.inf, "bad_evals": 0,
              "val_history": [], "averaging": False, "elapsed": 0.0, "epoch_loss": 0.0, "epoch_tokens": 0,
-             "log_loss": 0.0, "log_tokens": 0, "hidden": None, "rollbacks": 0}
+             "log_loss": 0.0, "log_tokens": 0, "hidden": None, "rollbacks": 0, "world": world, "columns": columns}
     bptt_rng = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed + 1000 * rank)  # dropout masks differ across ranks
     optimizer = make_optimizer(tc, model, state["lr"], state["averaging"])
@@ -312,7 +312,19 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
 
     if ckpt:
         restore(ckpt)
-    good = ckpt or capture(None)  # the last good state: what a non-finite loss rolls back to
+        saved_world, saved_columns = state.get("world", world), state.get("columns", columns)
+        if saved_world != world and saved_columns:  # other lanes now: the same fraction of the epoch
+            state["pos"] = min(round(state["pos"] * columns / saved_columns), columns)
+            hidden = None
+            if lead:
+                log(f"resuming a run of {saved_world} process(es) on {world}: the epoch goes on from the "
+                    f"same fraction ({state['pos'] / max(columns, 1):.0%})")
+        if rank:  # rank 0 saved its own hidden state and random numbers: these ranks start their own
+            hidden = None
+            torch.manual_seed(tc.seed + 1000 * rank + state["step"])
+        state.update(world=world, columns=columns)
+    # the last good state: what a non-finite loss rolls back to
+    good = ckpt if ckpt and world == 1 == ckpt["state"].get("world", 1) else capture(None)
     saved_step = state["step"] if ckpt else None  # the step last.pt holds, for messages
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)

@@ -55,18 +55,30 @@ def _torchrun(corpus, run, logs, *flags, env=(), attempts=2):
     return [json.loads(next(l for l in o.splitlines() if l.startswith("{"))) for _, (o, _) in sorted(out.items())]
 
 
-def test_two_process_data_parallel_on_cpu(tiny_corpus, tmp_path):
+def test_two_process_data_parallel_on_cpu(tiny_corpus, tmp_path, capsys):
     """Two ranks: a stop request on one rank alone (as a Ctrl-C that reached it first)
-    stops both after the same step, rank 0 saves it, and the run resumes to the end of
-    its epoch, evaluated, with one metrics writer."""
+    stops both after the same step, and rank 0 saves it. One process resumes that run (the
+    epoch goes on from the same fraction), then two ranks again, to the end of the epoch,
+    evaluated, with one metrics writer."""
+    import torch
+
     run = tmp_path / "ddp"
     first = _torchrun(tiny_corpus, run, tmp_path / "logs1", env={"LM_STOP_AT_STEP": "3@1"})
     assert [s["steps"] for s in first] == [3, 3] and {s["stopped"] for s in first} == {"interrupted"}
-    summaries = _torchrun(tiny_corpus, run, tmp_path / "logs2", "--resume", str(run))
-    assert len(summaries) == 2 and summaries[0]["steps"] == summaries[1]["steps"] > 3
+    two = torch.load(run / "last.pt", weights_only=True)["state"]
+    assert two["world"] == 2 and two["step"] == 3 and 0 < two["pos"] < two["columns"]
+
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--threads", "1", "--quiet"]) == 0
+    assert "resuming a run of 2 process(es) on 1" in capsys.readouterr().out
+    one = torch.load(run / "last.pt", weights_only=True)["state"]
+    assert one["world"] == 1 and one["step"] == 4 and one["columns"] > 1.9 * two["columns"]
+    assert abs(one["pos"] / one["columns"] - two["pos"] / two["columns"]) < 0.1  # the same fraction, one step on
+
+    summaries = _torchrun(tiny_corpus, run, tmp_path / "logs2", "--resume", str(run), "--max-steps", "0")
+    assert len(summaries) == 2 and summaries[0]["steps"] == summaries[1]["steps"] > 4
     assert summaries[0]["stopped"] == "all epochs done"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sum("summary" in r for r in records) == 1  # one writer; the resume drops the first run's summary with its undone steps
+    assert sum("summary" in r for r in records) == 1  # one writer; a resume drops the summaries of runs before it
     assert any("valid_ppl" in r for r in records)
 
 
