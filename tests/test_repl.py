@@ -48,6 +48,13 @@ def test_odd_input_never_breaks_the_one_line_rule(pred, tmp_path):
     assert out[18].startswith("usage: :k") and out[19].startswith("usage: :gen")
 
 
+def test_escape_sequences_and_control_characters_are_not_text(pred):
+    """An arrow key where no line editor reads it (ESC [ A, ESC O A) and other control
+    characters answer as the same line without them would."""
+    odd = ["the\x1b[A cat", "the\x1bOA cat\x07", "\x1b[1;5Cthe cat\x00", "the\x7f cat"]
+    assert lines_out(pred, "\n".join(odd) + "\n") == lines_out(pred, "the cat\n" * len(odd))
+
+
 def test_a_long_unknown_prefix_is_cut_in_the_no_suggestions_line(pred):
     from lm.predict import Suggestions
     from lm.repl import format_suggestions, format_toolbar
