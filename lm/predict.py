@@ -67,6 +67,7 @@ import bisect
 import copy
 import math
 import os
+import re
 import time
 import unicodedata
 from collections import OrderedDict
@@ -110,6 +111,11 @@ class Suggestions:
 
     def to_json(self) -> list[dict]:
         return [{"word": c.text, "prob": c.prob} for c in self.items]
+
+
+# Terminal escape sequences (an arrow key where no line editor reads them) and other
+# control characters in typed text: not text, so they read as spaces.
+CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1bO[@-~]|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def read_user_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
@@ -333,6 +339,7 @@ class Predictor:
         """(finished words, unfinished word) of typed natural text:
         "Hello, wor" -> (["Hello", ","], "wor"). See the module docstring for the two
         rules; ``complete_known`` picks the one-shot rule."""
+        text = CONTROL.sub(" ", text)
         words = self.tok.typed_words(text)
         if not words or text[-1].isspace():
             return words, ""

@@ -23,14 +23,13 @@ ending in a whole vocabulary word asks for the next word (the rule of ``lm compl
 from __future__ import annotations
 
 import io
-import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from lm.config import SampleConfig
 from lm.errors import LMError
-from lm.predict import Predictor, Suggestions, read_user_text
+from lm.predict import CONTROL, Predictor, Suggestions, read_user_text
 from lm.sample import continue_text
 
 HELP = (":k N  show N suggestions | :temp T  temperature of :gen | :gen [N]  sample N words after the text | "
@@ -42,9 +41,6 @@ MAX_GEN = 500  # words per :gen
 MAX_LINE = 100_000  # characters per input line; a longer one is refused, never read whole
 PHRASE_WORDS = 3  # length of the grey phrase
 PHRASE_BEAM = 2  # its beam width: a keystroke budget, not a search for the best phrase
-# Terminal escape sequences (an arrow key where no line editor reads them) and other
-# control characters in a line: not text, so they become spaces.
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1bO[@-~]|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _no_suggestions(s: Suggestions) -> str:
@@ -85,7 +81,7 @@ class Repl:
     # -- line mode -------------------------------------------------------------------
     def handle(self, line: str) -> tuple[str, bool]:
         """One input line -> (one output line, keep going)."""
-        line = _CONTROL.sub(" ", line)
+        line = CONTROL.sub(" ", line)
         if line.strip().startswith(":"):
             return self.command(line.strip())
         self.pred.commit()  # the previous line, a word left unfinished included, is done

@@ -193,6 +193,8 @@ def test_split_rules_keyboard_and_one_shot(tiny):
     assert p.split_partial("the cat sat. The pr") == (["the", "cat", "sat", ".", "The"], "pr")
     assert p.split_partial("the pres ") == (["the", "pres"], "")
     assert p.split_partial("") == ([], "") and p.split_partial("\x00\x1b ") == ([], "")
+    # an arrow key's escape sequence and control characters read as spaces (REPL, lm serve)
+    assert p.split_partial("the\x1b[A cat\x1bOBsat\x07pr") == (["the", "cat", "sat"], "pr")
     # one-shot (lm complete): a final vocabulary word is finished
     assert p.split_partial("the president of the", complete_known=True) == (["the", "president", "of", "the"], "")
     assert p.split_partial("the pres", complete_known=True) == (["the"], "pres")
