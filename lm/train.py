@@ -310,21 +310,22 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
             snapshot["model"] = {k: v.clone() for k, v in snapshot["model"].items()}
         return snapshot
 
+    adjusted = False  # whether this rank's state differs from the checkpoint's
     if ckpt:
         restore(ckpt)
         saved_world, saved_columns = state.get("world", world), state.get("columns", columns)
-        if saved_world != world and saved_columns:  # other lanes now: the same fraction of the epoch
+        if saved_columns and saved_columns != columns:  # other lanes now: the same fraction of the epoch
             state["pos"] = min(round(state["pos"] * columns / saved_columns), columns)
-            hidden = None
-            if lead:
+            hidden, adjusted = None, True
+            if lead and saved_world != world:
                 log(f"resuming a run of {saved_world} process(es) on {world}: the epoch goes on from the "
                     f"same fraction ({state['pos'] / max(columns, 1):.0%})")
         if rank:  # rank 0 saved its own hidden state and random numbers: these ranks start their own
-            hidden = None
+            hidden, adjusted = None, True
             torch.manual_seed(tc.seed + 1000 * rank + state["step"])
         state.update(world=world, columns=columns)
     # the last good state: what a non-finite loss rolls back to
-    good = ckpt if ckpt and world == 1 == ckpt["state"].get("world", 1) else capture(None)
+    good = ckpt if ckpt and not adjusted else capture(None)
     saved_step = state["step"] if ckpt else None  # the step last.pt holds, for messages
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
