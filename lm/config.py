@@ -188,9 +188,13 @@ def load_config_file(path: str | Path) -> dict:
     """Read a TOML config file as data (never executed)."""
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {p} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a directory: give a TOML file (lm recipes NAME prints one)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.errors import DataError, open_input
+from lm.errors import UTF8_BOM, DataError, open_input, refuse_non_utf8
 
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
@@ -45,7 +45,7 @@ def registry() -> dict[str, dict]:
     for d in reversed(registry_dirs()):  # ./corpora wins over the checkout's
         for f in sorted(d.glob("*.toml")):
             try:
-                entries[f.stem] = tomllib.loads(f.read_text(encoding="utf-8")) | {"_file": str(f)}
+                entries[f.stem] = tomllib.loads(f.read_text(encoding="utf-8-sig")) | {"_file": str(f)}
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"corpus registry entry {f} is not valid TOML: {e}") from None
     return dict(sorted(entries.items()))
@@ -223,9 +223,9 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
     """Lines of a file as bytes, without LF / CRLF endings. A line longer than
     ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays flat."""
     with open_input(path, DataError) as f:
-        if b"\x00" in f.read(8192):
-            raise DataError(f"{path} looks like a binary file (it has NUL bytes), not text")
-        f.seek(0)
+        head = f.read(8192)
+        refuse_non_utf8(path, head, DataError)
+        f.seek(len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0)  # as Notepad saves UTF-8
         while raw := f.readline(MAX_LINE_BYTES):
             if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
                 cut = max(raw.rfind(b" "), raw.rfind(b"\t"))

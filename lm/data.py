@@ -2,8 +2,9 @@
 
 A split is tokenized once into ``<cache>/<corpus>.<split>.<key>.bin``: raw little-endian
 uint16 ids (uint32 when the vocabulary needs it) read back as a memory map. The key hashes
-the split's content fingerprint, the tokenizer's bytes and the cache format, so editing
-the text or retraining the tokenizer builds a new entry, and a cache is never trusted
+the split's content fingerprint, the tokenizer's bytes, the cache format and the version
+of ``lm.text``'s rules, so editing the text, retraining the tokenizer or a new rule for
+raw text builds a new entry, and a cache is never trusted
 because of a path. The tokenizer itself is cached the same way, keyed by the training
 split and the tokenizer config. Building streams the corpus in chunks: memory stays flat
 whatever its size.
@@ -24,6 +25,7 @@ from lm.checkpoint import atomic_write
 from lm.config import TokenizerConfig
 from lm.corpus import SPLITS, Corpus
 from lm.errors import DataError, LMError
+from lm.text import RULES
 from lm.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1
@@ -41,7 +43,7 @@ def cache_dir() -> Path:
 
 
 def _key(*parts: str) -> str:
-    return hashlib.sha256("|".join((str(CACHE_FORMAT), *parts)).encode()).hexdigest()[:20]
+    return hashlib.sha256("|".join((f"{CACHE_FORMAT}.{RULES}", *parts)).encode()).hexdigest()[:20]
 
 
 def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) -> Tokenizer:

@@ -1,5 +1,6 @@
 """User-facing errors: the CLI prints their message on one line and exits non-zero."""
 
+import shlex
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,3 +36,25 @@ def open_input(path: Path, error: type[LMError] = LMError) -> BinaryIO:
         raise error(f"{path} is a directory, expected a text file") from None
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror}") from None
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+# Byte-order marks of the encodings Windows tools call "Unicode", longest first.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def refuse_non_utf8(path: Path, head: bytes, error: type[LMError] = LMError) -> None:
+    """Raise ``error`` with a one-line fix when a file's first bytes are UTF-16 or UTF-32
+    text (a byte-order mark, or ASCII text with every other byte NUL) or binary data (NUL
+    bytes): lm reads UTF-8, and either would otherwise read as garbage."""
+    name = next((n for bom, n in _WIDE_BOMS if head.startswith(bom)), None)
+    if name is None and b"\x00" in head:
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        if len(head) >= 16 and min(even, odd) == 0 and max(even, odd) >= len(head) // 4:
+            name = "UTF-16BE" if even else "UTF-16LE"
+        else:
+            raise error(f"{path} looks like a binary file (it has NUL bytes), not UTF-8 text")
+    if name is not None:
+        raise error(f"{path} is {name} text, and lm reads UTF-8: convert it first, "
+                    f"e.g. iconv -f {name} -t UTF-8 {shlex.quote(str(path))} > {shlex.quote(Path(path).stem + '.utf8.txt')}")

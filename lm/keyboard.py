@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm.errors import ConfigError, DataError
+from lm.errors import UTF8_BOM, ConfigError, DataError, refuse_non_utf8
 from lm.model import LSTMLM
 from lm.predict import WordIndex
 from lm.tokenizer import Tokenizer
@@ -241,9 +241,8 @@ def score_file(path: str | Path, tokenizer: Tokenizer, rows: Callable[[torch.Ten
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}; give a UTF-8 text file") from None
-    if b"\0" in data:
-        raise DataError(f"{path} looks binary (it has NUL bytes): give a UTF-8 text file")
-    text = typed_text(data.decode("utf-8", errors="replace"), tokenizer, max_words)
+    refuse_non_utf8(path, data[:8192], DataError)
+    text = typed_text(data.removeprefix(UTF8_BOM).decode("utf-8", errors="replace"), tokenizer, max_words)
     if not text.tokens:
         raise DataError(f"{path} has no words to type")
     result = autocomplete(rows(text.stream), text, tokenizer, k=k, progress=progress)

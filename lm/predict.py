@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 from lm.cache import NeuralCache
-from lm.errors import LMError, open_input
+from lm.errors import UTF8_BOM, LMError, open_input, refuse_non_utf8
 from lm.model import LSTMLM, Hidden
 from lm.tokenizer import Tokenizer
 
@@ -138,11 +138,10 @@ def read_user_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
                 data = data[-max_bytes:]
         except OSError as e:
             raise LMError(f"cannot read {path}: {e.strerror or e}") from None
-    if b"\x00" in data:
-        raise LMError(f"{path} looks like a binary file (it has NUL bytes), not text")
+    refuse_non_utf8(path, data[:8192])
     if size > max_bytes:
         data = data[data.find(b"\n") + 1:]
-    return data.decode("utf-8", "replace")
+    return data.removeprefix(UTF8_BOM).decode("utf-8", "replace")
 
 
 def case_mode(prefix: str) -> str:

@@ -9,6 +9,10 @@ natural input matches a WikiText vocabulary; ``detokenize`` undoes it for displa
 
 The rules, in the order they run:
 
+* Invisible characters go: control characters, the soft hyphen, direction marks and
+  word joiners (``inter\u00adnational`` is one word). A zero-width space separates
+  words; the zero-width (non-)joiner belongs to its word, as in Persian ``می‌خواهم``.
+  U+FEFF stays: WikiText keeps it as a token of its own.
 * Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
   ``( ) " ; : ! ? % $ & / – —`` and so on. ``<unk>`` stays one token.
 * A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
@@ -43,12 +47,18 @@ def _chars(category_prefix: str) -> str:
 
 # Python's \w misses combining marks (Moses counts them as letters) and includes
 # numeric symbols such as "²" and "½" (Moses splits those off).
-_MARKS, _NUM_SYMBOLS = re.escape(_chars("M")), re.escape(_chars("No"))
+# The zero-width non-joiner and joiner shape the letters around them: marks too.
+_MARKS, _NUM_SYMBOLS = re.escape(_chars("M") + "\u200c\u200d"), re.escape(_chars("No"))
 _LETTER = rf"(?:(?![{_NUM_SYMBOLS}])[^\W\d_]|[{_MARKS}{_PH}])"
 _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b]")
+# Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
+RULES = 2
+# Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
+# marks and embeddings, the word joiner and invisible operators: deleted.
+_INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")
+_ZWSP = "\u200b"
 _SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|([^\w\s.'`,\-{_MARKS}{_PH}]|[_{_NUM_SYMBOLS}])")
 _HYPHEN = re.compile(rf"-(?<={_ALNUM}-)(?={_ALNUM})")
 _MULTIDOT = re.compile(r"\.{2,}")
@@ -89,7 +99,8 @@ def _final_period(m: re.Match[str]) -> str:
 
 def pretokenize(text: str) -> str:
     """One line of natural text as WikiText-convention tokens joined by single spaces."""
-    text = " ".join(_CONTROL.sub("", text).split()).replace("<unk>", _PH)
+    text = _INVISIBLE.sub("", text).replace(_ZWSP, " ")
+    text = " ".join(text.split()).replace("<unk>", _PH)
     text = _SPECIAL.sub(r" \1\2 ", text)
     text = _HYPHEN.sub(" @-@ ", text)
     text = _MULTIDOT.sub(r" \g<0> ", text)

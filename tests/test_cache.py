@@ -62,3 +62,14 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     entry = [p for p in _entries() if p.name.startswith("c4.test.")][0]
     entry.write_bytes(b"\x01")  # odd size: cannot be uint16 tokens
     assert torch.equal(data.token_stream(c, "test", tok), good)
+
+
+def test_a_new_version_of_the_raw_text_rules_builds_a_new_entry(tmp_path, monkeypatch):
+    c = open_corpus(str(write_corpus(tmp_path / "c5")))
+    tok = data.load_tokenizer(c, TokenizerConfig())
+    data.token_stream(c, "valid", tok)
+    n, models = len(_entries()), len(_entries("model"))
+    monkeypatch.setattr(data, "RULES", data.RULES + 1)  # what a change to lm.text must do
+    tok2 = data.load_tokenizer(c, TokenizerConfig())
+    data.token_stream(c, "valid", tok2)
+    assert len(_entries()) == n + 1 and len(_entries("model")) == models + 1

@@ -89,9 +89,19 @@ def test_repl_scripted_one_line_per_input_line(tiny_run):
     (["complete", "/no/such.pt", "x", "--k", "0"], 2, "--k must be"),
     (["repl", "/no/such.pt", "--k", "101"], 2, "--k must be between 1 and 100"),  # the REPL's own :k bound
     (["generate", "/no/such.pt", "--top-p", "0"], 2, "--top-p"),
+    (["train", "--config", "/no/such.toml"], 2, "config file /no/such.toml not found"),
+    (["train", "--config", "tests"], 2, "config file tests is a directory: give a TOML file"),
+    (["train", "--config", "README.md"], 2, "config file README.md is not valid TOML"),
 ])
 def test_bad_flags_and_missing_files_are_one_line_errors(args, code, match):
     assert_one_line_error(run_lm(*args), code, match)
+
+
+def test_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    from lm.config import load_config_file
+    f = tmp_path / "my.toml"
+    f.write_bytes(b"\xef\xbb\xbf[model]\nemb_dim = 64\n")  # as Notepad saves UTF-8
+    assert load_config_file(f) == {"model": {"emb_dim": 64}}
 
 
 def test_corrupt_truncated_and_foreign_checkpoints_are_refused(tiny_run, tmp_path):

@@ -106,6 +106,18 @@ def test_binary_file_is_refused(tmp_path):
         list(open_corpus(str(tmp_path)).lines("train"))
 
 
+def test_utf8_bom_is_dropped_and_utf16_or_utf32_files_get_a_conversion_hint(tmp_path):
+    text = "the cat sat .\nthe dog ran .\n"
+    _three_splits(tmp_path)
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad saves UTF-8
+    assert list(open_corpus(str(tmp_path)).lines("train")) == ["the cat sat .", "the dog ran ."]
+    for encoding, name in (("utf-16", "UTF-16"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"),
+                           ("utf-32", "UTF-32")):
+        (tmp_path / "train.txt").write_bytes(text.encode(encoding))
+        with pytest.raises(DataError, match=rf"is {name} text, and lm reads UTF-8: .*iconv -f {name} -t UTF-8"):
+            list(open_corpus(str(tmp_path)).lines("train"))
+
+
 def test_huge_line_without_newline_is_read_in_pieces_cut_at_whitespace(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_module, "MAX_LINE_BYTES", 64)
     words = [f"w{i}" for i in range(300)]

@@ -133,3 +133,14 @@ def test_cli_autocomplete_for_both_models(tiny_run, tiny_corpus, tmp_path, capsy
     assert main(["eval", str(tiny_run / "best.pt"), "--autocomplete", str(tmp_path / "missing.txt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read" in err[0]
+    bom = tmp_path / "bom.txt"  # a UTF-8 byte-order mark is not typed text
+    bom.write_bytes(b"\xef\xbb\xbf" + text.read_bytes())
+    assert main(["eval", str(tiny_run / "best.pt"), "--autocomplete", str(bom), "--max-words", "50", "--json"]) == 0
+    timing = ("seconds", "words_per_s", "file")
+    bom_result = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in bom_result.items() if k not in timing} == {k: v for k, v in lstm.items() if k not in timing}
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes(text.read_text(encoding="utf-8").encode("utf-16"))
+    assert main(["eval", str(tiny_run / "best.pt"), "--autocomplete", str(wide)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UTF-16 text" in err[0] and "iconv" in err[0]

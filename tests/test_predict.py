@@ -7,6 +7,7 @@ import torch
 
 from lm import checkpoint
 from lm.cache import NeuralCache
+from lm.errors import LMError
 from lm.predict import RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
 from lm.tokenizer import Tokenizer
 
@@ -245,6 +246,11 @@ def test_read_user_text(tmp_path):
     for bad, msg in ((tmp_path / "bin", "binary"), (tmp_path / "none.txt", "not found"), (tmp_path, "directory")):
         with pytest.raises(Exception, match=msg):
             read_user_text(bad)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello there")
+    assert read_user_text(tmp_path / "bom.txt") == "Hello there"
+    (tmp_path / "wide.txt").write_bytes("Hello there".encode("utf-16"))
+    with pytest.raises(LMError, match="UTF-16 text.*iconv"):
+        read_user_text(tmp_path / "wide.txt")
     r, w = os.pipe()  # not seekable: --learn <(cmd), --prompt @/dev/stdin
     os.write(w, b"first line\n" + b"x" * 50 + b"\nlast words\n")
     os.close(w)
