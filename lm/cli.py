@@ -615,6 +615,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    # The hub client logs each failed request and retry; its failure reaches the user as
+    # one line (HF_HUB_VERBOSITY=warning shows them again).
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -135,6 +136,9 @@ class HubCorpus(Corpus):
         except ImportError:
             raise DataError("reading from the Hugging Face hub needs `pip install datasets`") from None
         column = self.hub.get("text_column", "text")
+        # Said first: with no network the hub client retries for about 25 s before failing.
+        print(f"lm: reading {self.name} ({split}) from the Hugging Face hub, {self.where}; "
+              "a local mirror (LM_CORPORA) skips this", file=sys.stderr)
         try:
             ds = datasets.load_dataset(self.hub["path"], self.hub.get("name"),
                                        split=self.hub.get("splits", {}).get(split, split),
@@ -145,9 +149,12 @@ class HubCorpus(Corpus):
         except DataError:
             raise
         except Exception as e:  # network, auth, missing dataset: all end the same way
-            raise DataError(f"could not read {self.where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            f"with no internet, set LM_CORPORA to a directory holding "
-                            f"{self.name}/train.txt, valid.txt and test.txt") from None
+            files = f"{self.name}/train.txt, valid.txt and test.txt"
+            mirror = os.environ.get("LM_CORPORA")
+            hint = (f"LM_CORPORA={mirror} holds no {files}: point it at a mirror that does" if mirror
+                    else f"with no internet, set LM_CORPORA to a directory holding {files}")
+            raise DataError(f"could not read {self.where} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
 
     def fingerprint(self, split: str) -> str:
         h = hashlib.sha256(repr(sorted(self.hub.items())).encode()).hexdigest()[:16]

@@ -148,6 +148,36 @@ def test_registered_corpus_without_mirror_falls_back_to_the_hub(monkeypatch, tmp
     assert c.hub["splits"]["valid"] == "validation"
 
 
+def test_hub_corpus_reads_rows_as_lines_and_fails_offline_with_the_mirror_hint(monkeypatch, tmp_path, capsys):
+    """The hub path with a stand-in for `datasets` (no network here): rows split into
+    lines, the split name mapped, and a failure one DataError naming what to set."""
+    calls = []
+
+    def load_dataset(path, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        if fail:
+            raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub\nmore detail")
+        return iter([{"text": " = Title = \n"}, {"text": ""}, {"text": "one\ntwo\n"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    monkeypatch.setenv("LM_CORPORA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    c = open_corpus("wikitext-2")
+    fail = False
+    assert list(c.lines("valid")) == [" = Title = ", "", "one", "two"]
+    assert calls == [("Salesforce/wikitext", "wikitext-2-v1", "validation", True)]
+    assert "from the Hugging Face hub" in capsys.readouterr().err
+    fail = True
+    with pytest.raises(DataError, match=rf"ConnectionError: Couldn't reach .*\); LM_CORPORA={tmp_path} holds no "
+                                        r"wikitext-2/train.txt, valid.txt and test.txt") as e:
+        list(c.lines("train"))
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("LM_CORPORA")
+    with pytest.raises(DataError, match="with no internet, set LM_CORPORA to a directory holding wikitext-2/"):
+        list(c.lines("test"))
+
+
 def test_users_own_registry_entry_points_at_a_path(tmp_path, monkeypatch):
     (tmp_path / "corpora").mkdir()
     (tmp_path / "texts").mkdir()
