@@ -34,7 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = overrides_from_args(args)
     if args.resume:
-        run = Path(args.resume)
+        run = Path(args.resume).expanduser()
+        if run.is_file():  # a checkpoint of the run (last.pt, best.pt): the run is its folder
+            run = run.parent
         cfg = resume_config(run, flags)
     else:
         layers = [recipe(args.recipe)] if args.recipe else []
@@ -474,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory for checkpoints (default: checkpoints/CORPUS); under torchrun "
                         "write --run-dir, since torchrun reads --run as its own --run-path")
     t.add_argument("--recipe", metavar="NAME", help="start from a named recipe (lm recipes); flags override it")
-    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder, or a checkpoint in it) exactly where it stopped")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in --run")
     t.add_argument("--config", metavar="FILE", help="TOML file with [tokenizer] [data] [model] [train] tables")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -60,6 +60,10 @@ def build_config(*layers: dict) -> Config:
 
 def resume_config(run_dir: Path, overrides: dict) -> Config:
     """The config of the run in ``run_dir``; only budgets and logistics may change."""
+    if not (run_dir / "last.pt").exists():
+        where = "does not exist" if not run_dir.exists() else "holds no last.pt"
+        raise ConfigError(f"{run_dir} {where}: nothing to resume there. Pass the folder a run trained "
+                          f"into (its --run), or start a new run with lm train --run {run_dir}")
     saved = checkpoint.load(run_dir / "last.pt")["config"]
     for section, values in overrides.items():
         fixed = {k: v for k, v in values.items() if not (section == "train" and k in RESUMABLE)}

@@ -41,7 +41,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_corpus, tmp_path):
     killed = lm("train", "--corpus", tiny_corpus, "--run", b, *FLAGS, env={"LM_FAIL_AT_STEP": "117"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert checkpoint.load(b / "last.pt")["state"]["step"] == 110  # the last periodic save
-    lm("train", "--resume", b, "--quiet")
+    lm("train", "--resume", b / "last.pt", "--quiet")  # a checkpoint in the run stands for its folder
     ca, cb = checkpoint.load(a / "last.pt"), checkpoint.load(b / "last.pt")
     assert ca["state"]["step"] == cb["state"]["step"] > 117
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
@@ -54,6 +54,13 @@ def test_resume_refuses_to_change_the_model(tiny_run):
         resume_config(tiny_run, {"model": {"emb_dim": 99}})
     cfg = resume_config(tiny_run, {"train": {"epochs": 9, "bf16": False}})  # budgets and precision may change
     assert cfg.train.epochs == 9
+
+
+def test_resume_without_a_run_says_where_it_looked(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope does not exist: nothing to resume there\. .* lm train --run "):
+        resume_config(tmp_path / "nope", {})
+    with pytest.raises(ConfigError, match="holds no last.pt: nothing to resume there"):
+        resume_config(tmp_path, {})
 
 
 def test_ntasgd_starts_averaging_non_monotonically_and_evaluates_averaged_weights():
