@@ -28,15 +28,20 @@ def _print_json(obj) -> None:
 
 # -- train -------------------------------------------------------------------------------
 
+def _run_folder(arg: str) -> Path:
+    """A run's folder, given as the folder or as any file in it (last.pt, best.pt,
+    metrics.jsonl): pasting the path of a file lm train wrote works too."""
+    path = Path(arg).expanduser()
+    return path.parent if path.is_file() else path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lm.recipes import recipe
     from lm.train import build_config, default_run_dir, resume_config, train
 
     flags = overrides_from_args(args)
     if args.resume:
-        run = Path(args.resume).expanduser()
-        if run.is_file():  # a checkpoint of the run (last.pt, best.pt): the run is its folder
-            run = run.parent
+        run = _run_folder(args.resume)
         cfg = resume_config(run, flags)
     else:
         layers = [recipe(args.recipe)] if args.recipe else []
@@ -67,7 +72,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from lm.plot import plot_run
 
-    out = plot_run(Path(args.run), Path(args.out) if args.out else None)
+    out = plot_run(_run_folder(args.run), Path(args.out).expanduser() if args.out else None)
     print(f"wrote {out}")
     return 0
 
@@ -579,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_recipes)
 
     pl = sub.add_parser("plot", help="draw a run's loss and perplexity curves to a PNG (needs matplotlib)")
-    pl.add_argument("run", help="run directory with metrics.jsonl")
+    pl.add_argument("run", help="run directory with metrics.jsonl (or any file in it)")
     pl.add_argument("--out", help="PNG path (default: RUN/curves.png)")
     pl.set_defaults(func=cmd_plot)
 

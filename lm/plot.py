@@ -52,6 +52,12 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
         ax.legend()
     fig.tight_layout()
     out = out or run / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise LMError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
+    except ValueError as e:  # an --out suffix matplotlib has no writer for
+        raise LMError(f"cannot write {out}: {e}; use a .png, .pdf or .svg --out") from None
+    finally:
+        plt.close(fig)
     return out

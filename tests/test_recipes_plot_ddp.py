@@ -28,6 +28,14 @@ def test_plot_draws_a_png(tiny_run, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert main(["plot", str(tiny_run), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.unlink()
+    assert main(["plot", str(tiny_run / "best.pt"), "--out", str(out)]) == 0  # a file in the run names it
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    for bad, says in ((tmp_path / "no" / "such.png", "No such file"), (tmp_path / "curves.xyz", "use a .png")):
+        assert main(["plot", str(tiny_run), "--out", str(bad)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cannot write {bad}" in err[0] and says in err[0]
 
 
 # gloo's TCP set-up on a busy shared host now and then fails on its own (pytorch's own gloo
