@@ -42,14 +42,14 @@ def generate(model: LSTMLM, prompt: Sequence[int], max_tokens: int, *, temperatu
     device = next(model.parameters()).device
     features, hidden = deque(model.read(list(prompt)), maxlen=1)[0]  # the last piece's
     for n in range(max_tokens):
-        if n:
-            features, hidden = model(torch.tensor([[token]], device=device), hidden)
-            features = features[0]
         logits = model.log_probs(features[-1]).float().cpu()  # (V,): log-probs are valid logits
         if banned:
             logits[list(banned)] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)
         yield token
+        if n + 1 < max_tokens:  # read the token drawn, for the next draw
+            features, hidden = model(torch.tensor([[token]], device=device), hidden)
+            features = features[0]
 
 
 def continue_text(model: LSTMLM, tokenizer: Tokenizer, text: str, max_words: int, *, temperature: float = 1.0,

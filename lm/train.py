@@ -226,7 +226,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     most ``--max-rollbacks`` times; then the run stops with an LMError, and nothing
     non-finite is ever written."""
     cfg.validate()
-    tc, dc = cfg.train, cfg.data
+    tc = cfg.train
     run_dir = Path(run_dir or default_run_dir(cfg))
     if not resume and not overwrite and (run_dir / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
