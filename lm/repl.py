@@ -51,11 +51,16 @@ def _no_suggestions(s: Suggestions) -> str:
     return f"no known word starts with {prefix!r}"
 
 
+def percent(p: float) -> str:
+    """A probability as shown: "20.6%", and "<0.1%" for what would round to 0.0%."""
+    return f"{p:.1%}" if p >= 0.0005 else "<0.1%"
+
+
 def format_suggestions(s: Suggestions) -> str:
-    """One line: "next: the 20.6%  a 2.3%" or "Uni… United 0.1%  Union 0.0%"."""
+    """One line: "next: the 20.6%  a 2.3%" or "Uni… United 0.1%  Union <0.1%"."""
     if not s.items:
         return _no_suggestions(s)
-    body = "  ".join(f"{c.text} {c.prob:.1%}" for c in s.items)
+    body = "  ".join(f"{c.text} {percent(c.prob)}" for c in s.items)
     return f"{s.prefix}… {body}" if s.kind == "complete" else f"next: {body}"
 
 
@@ -65,7 +70,7 @@ def format_toolbar(s: Suggestions) -> str:
         head = _no_suggestions(s)
     else:
         head = ("next  " if s.kind == "next" else f"{s.prefix}…  ") + "   ".join(
-            f"{n} {c.text} {c.prob:.1%}" for n, c in enumerate(s.items[:9], 1))
+            f"{n} {c.text} {percent(c.prob)}" for n, c in enumerate(s.items[:9], 1))
     return f"{head}\n{KEYS}"
 
 

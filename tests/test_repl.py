@@ -66,6 +66,17 @@ def test_a_long_unknown_prefix_is_cut_in_the_no_suggestions_line(pred):
     assert format_toolbar(short).splitlines()[0] == "no known word starts with 'qqz'"
 
 
+def test_probabilities_too_small_to_show_read_as_below_a_tenth_of_a_percent():
+    from lm.predict import Choice, Suggestions
+    from lm.repl import format_suggestions, format_toolbar
+
+    s = Suggestions(kind="complete", prefix="Uni",
+                    items=[Choice("United", 0.1234, ("United",)), Choice("Union", 0.0005, ("Union",)),
+                           Choice("Unicorn", 0.00049, ("Unicorn",))])
+    assert format_suggestions(s) == "Uni… United 12.3%  Union 0.1%  Unicorn <0.1%"
+    assert format_toolbar(s).splitlines()[0] == "Uni…  1 United 12.3%   2 Union 0.1%   3 Unicorn <0.1%"
+
+
 def test_bytes_that_are_not_utf8_on_stdin_do_not_crash(pred):
     stdin = io.TextIOWrapper(io.BytesIO(b"the \xff\xfe cat\n:quit\n"), encoding="utf-8")  # strict, as in a UTF-8 locale
     out = io.StringIO()
