@@ -148,14 +148,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path) -> dict:
-    """Read and check a checkpoint; every failure is a one-line CheckpointError."""
-    path = Path(path)
+def resolve(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: itself, or a run directory's best.pt (else its
+    last.pt)."""
+    path = Path(path).expanduser()
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
-                path = path / name
-                break
+                return path / name
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """Read and check a checkpoint; every failure is a one-line CheckpointError."""
+    path = resolve(path)
     if path.exists() and not path.is_file():  # /dev/null, a fifo, a directory without a checkpoint
         what = "a directory with no best.pt or last.pt in it" if path.is_dir() else "not a regular file"
         raise CheckpointError(f"{path} is {what}: pass the best.pt or last.pt that lm train wrote")
@@ -216,3 +222,30 @@ def load_model(path: str | Path) -> tuple[Config, LSTMLM, Tokenizer, dict]:
     ckpt = load(path)
     cfg, model, tokenizer = restore(ckpt)
     return cfg, model, tokenizer, ckpt
+
+
+def describe(path: str | Path) -> dict:
+    """What a checkpoint holds, without a corpus: its file, the model and tokenizer (it
+    is rebuilt, so a checkpoint this lm cannot run is refused here too), the training it
+    had, its last validation, and whether ``lm train --resume`` can continue it."""
+    file = resolve(path)
+    ckpt = load(file)
+    cfg, model, tokenizer = restore(ckpt)
+    metrics, state = ckpt.get("metrics") or {}, ckpt.get("state") or {}
+    m = cfg.model
+    return {
+        "file": str(file), "bytes": file.stat().st_size, "lm_version": ckpt.get("lm_version"),
+        "format_version": ckpt["version"],
+        "layers": [layer.hidden_size for layer in model.layers], "emb_dim": m.emb_dim, "tied": m.tie_weights,
+        "head": m.head, "cutoffs": model.head.bounds[1:-1] if m.head == "adaptive" else [],  # those below the vocabulary
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "text": tokenizer.text,
+        "lowercase": tokenizer.lowercase, "corpus": cfg.data.corpus,
+        "epoch": metrics.get("epoch"), "step": metrics.get("step", state.get("step")),
+        "minutes": round(metrics.get("elapsed_s", state.get("elapsed", 0.0)) / 60, 2),
+        "optimizer": cfg.train.optimizer, "lr": metrics.get("lr"),
+        "valid_ppl": metrics.get("valid_ppl"), "train_ppl": metrics.get("train_ppl"),
+        "resumable": bool(state) and "optimizer" in ckpt,
+        "config": ckpt["config"],
+    }
+

@@ -77,6 +77,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- info --------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lm.checkpoint import describe
+
+    d = describe(args.checkpoint)
+    if args.json:
+        _print_json(d)
+        return 0
+    layers = " + ".join(str(n) for n in d["layers"])
+    head = ("full softmax" if d["head"] == "full" else
+            f"adaptive head, cutoffs {','.join(map(str, d['cutoffs']))}" if d["cutoffs"] else "adaptive head with no clusters at this vocabulary size")
+    words = f"{d['tokenizer']} vocabulary of {d['vocab_size']:,}, {d['text']} text" + (", lowercased" if d["lowercase"] else "")
+    print(f"{d['file']}: {d['bytes'] / 1e6:.1f} MB, lm {d['lm_version']}, checkpoint format {d['format_version']}")
+    print(f"model: LSTM {layers}, embeddings {d['emb_dim']}{', tied' if d['tied'] else ''}, {head}; "
+          f"{d['parameters']:,} parameters")
+    print(f"tokenizer: {words}")
+    if d["step"] is not None:
+        lr = f", lr now {d['lr']:.3g}" if d["lr"] is not None else ""
+        print(f"training: {d['corpus']}, {'epoch ' + str(d['epoch']) + ', ' if d['epoch'] else ''}"
+              f"{d['step']:,} steps in {d['minutes']:.1f} min ({d['optimizer']}{lr})")
+    ppl = (f"valid ppl {d['valid_ppl']:.2f}" + (f", train ppl {d['train_ppl']:.2f}" if d["train_ppl"] else "")
+           if d["valid_ppl"] is not None else "not yet validated")
+    run = Path(d["file"]).parent
+    print(f"{ppl}; " + (f"lm train --resume {run} continues it" if d["resumable"] else "no loop state to resume from"))
+    return 0
+
+
 # -- eval --------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -489,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in (("tokenizer", TokenizerConfig), ("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
         add_flags(t, cls, name)
     t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="what a checkpoint holds: model, tokenizer, training, last validation")
+    i.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
+    i.add_argument("--json", action="store_true", help="print it as one JSON object (with the full config)")
+    i.set_defaults(func=cmd_info)
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint on a split")
     e.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")

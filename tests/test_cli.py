@@ -51,6 +51,32 @@ def test_complete_json_next_words_and_completions(tiny_run, capsys):
     assert {i["word"] for i in json.loads(capsys.readouterr().out)} == {"mat", "man", "my"}
 
 
+def test_info_describes_a_checkpoint(tiny_run, tmp_path, capsys):
+    assert main(["info", str(tiny_run), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    records = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "valid_ppl" in r]
+    best = min(epochs, key=lambda r: r["valid_ppl"])
+    assert d["file"] == str(tiny_run / "best.pt") and d["bytes"] == (tiny_run / "best.pt").stat().st_size
+    assert (d["layers"], d["emb_dim"], d["tied"], d["head"], d["cutoffs"]) == ([24, 16], 16, True, "adaptive", [10, 20])
+    assert d["valid_ppl"] == pytest.approx(best["valid_ppl"]) and d["step"] == best["step"] and d["epoch"] == best["epoch"]
+    assert d["resumable"] and d["config"]["model"]["hidden_dim"] == 24
+    from lm.checkpoint import load_model
+
+    _, model, tok, _ = load_model(tiny_run / "best.pt")
+    assert d["parameters"] == sum(p.numel() for p in model.parameters()) and d["vocab_size"] == tok.vocab_size
+    assert main(["info", str(tiny_run / "last.pt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and out[0].startswith(f"{tiny_run / 'last.pt'}: ")
+    assert out[1].startswith("model: LSTM 24 + 16, embeddings 16, tied, adaptive head, cutoffs 10,20; ")
+    assert out[4].endswith(f"lm train --resume {tiny_run} continues it")
+    weights = {k: v for k, v in torch.load(tiny_run / "best.pt", weights_only=True).items() if k not in ("state", "optimizer")}
+    torch.save(weights, tmp_path / "weights.pt")
+    assert main(["info", str(tmp_path / "weights.pt")]) == 0
+    assert capsys.readouterr().out.strip().endswith("no loop state to resume from")
+    assert_one_line_error(run_lm("info", "README.md"), 1, "README.md is not a checkpoint file")
+
+
 def test_generate_same_seed_same_text(tiny_run):
     a = run_lm("generate", tiny_run / "best.pt", "--prompt", "the dog", "--max-words", 20, "--seed", 5)
     b = run_lm("generate", tiny_run / "best.pt", "--prompt", "the dog", "--max-words", 20, "--seed", 5)
