@@ -44,12 +44,14 @@ _WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
-def refuse_non_utf8(path: Path, head: bytes, error: type[LMError] = LMError) -> None:
-    """Raise ``error`` with a one-line fix when a file's first bytes are UTF-16 or UTF-32
-    text (a byte-order mark, or ASCII text with every other byte NUL) or binary data (NUL
-    bytes): lm reads UTF-8, and either would otherwise read as garbage."""
+def refuse_non_utf8(path: Path, data: bytes, error: type[LMError] = LMError) -> None:
+    """Raise ``error`` with a one-line fix when a file's bytes (``data``: all of them, or
+    its first few KB) are UTF-16 or UTF-32 text (a byte-order mark, or ASCII text with
+    every other byte NUL) or binary data (NUL bytes): lm reads UTF-8, and either would
+    otherwise read as garbage."""
+    head = data[:8192]
     name = next((n for bom, n in _WIDE_BOMS if head.startswith(bom)), None)
-    if name is None and b"\x00" in head:
+    if name is None and b"\x00" in data:
         even, odd = head[0::2].count(0), head[1::2].count(0)
         if len(head) >= 16 and min(even, odd) == 0 and max(even, odd) >= len(head) // 4:
             name = "UTF-16BE" if even else "UTF-16LE"

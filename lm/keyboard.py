@@ -241,7 +241,7 @@ def score_file(path: str | Path, tokenizer: Tokenizer, rows: Callable[[torch.Ten
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}; give a UTF-8 text file") from None
-    refuse_non_utf8(path, data[:8192], DataError)
+    refuse_non_utf8(path, data, DataError)
     text = typed_text(data.removeprefix(UTF8_BOM).decode("utf-8", errors="replace"), tokenizer, max_words)
     if not text.tokens:
         raise DataError(f"{path} has no words to type")

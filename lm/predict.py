@@ -138,7 +138,7 @@ def read_user_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
                 data = data[-max_bytes:]
         except OSError as e:
             raise LMError(f"cannot read {path}: {e.strerror or e}") from None
-    refuse_non_utf8(path, data[:8192])
+    refuse_non_utf8(path, data)
     if size > max_bytes:
         data = data[data.find(b"\n") + 1:]
     return data.removeprefix(UTF8_BOM).decode("utf-8", "replace")

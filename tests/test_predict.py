@@ -248,6 +248,9 @@ def test_read_user_text(tmp_path):
             read_user_text(bad)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello there")
     assert read_user_text(tmp_path / "bom.txt") == "Hello there"
+    (tmp_path / "late.bin").write_bytes(b"text line\n" * 2000 + b"\x00\x01\x02")  # NUL past the first 8 KB
+    with pytest.raises(LMError, match="binary"):
+        read_user_text(tmp_path / "late.bin")
     (tmp_path / "wide.txt").write_bytes("Hello there".encode("utf-16"))
     with pytest.raises(LMError, match="UTF-16 text.*iconv"):
         read_user_text(tmp_path / "wide.txt")
