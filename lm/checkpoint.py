@@ -11,6 +11,7 @@ import errno
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -188,6 +189,9 @@ def load(path: str | Path) -> dict:
             why = "it holds Python objects that a checkpoint must not contain"
         raise CheckpointError(f"{path} is not a safe lm checkpoint ({why}); refusing to load it") from None
     except Exception as e:  # noqa: BLE001 - garbage bytes break the unpickler in many ways (IndexError, KeyError, ...)
+        if _is_ngram_model(path):
+            raise CheckpointError(f"{path} is an n-gram model, not a neural checkpoint: score it with "
+                                  f"lm ngram eval {path}") from None
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
                               "use another checkpoint (last.pt / best.pt) or retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -200,6 +204,16 @@ def load(path: str | Path) -> dict:
         if key not in ckpt:
             raise CheckpointError(f"{path} has no {key!r} entry: it is incomplete; retrain")
     return ckpt
+
+
+def _is_ngram_model(path: Path) -> bool:
+    """Whether ``path`` is what lm ngram train writes (a numpy .npz archive with a meta
+    array), which shares the zip signature of torch.save's archives."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "meta.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def restore(ckpt: dict) -> tuple[Config, LSTMLM, Tokenizer]:

@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(nt, TokenizerConfig, "tokenizer")
     nt.set_defaults(func=cmd_ngram_train)
     nv = ngs.add_parser("eval", help="perplexity on a split, or autocomplete metrics on a text file")
-    nv.add_argument("model", help="a model file from lm ngram train")
+    nv.add_argument("model", help="a model file from lm ngram train, or the run directory holding it")
     nv.add_argument("--split", choices=("train", "valid", "test"), default="valid", help="which split to score (default: valid)")
     nv.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _autocomplete_flags(nv)

@@ -255,13 +255,22 @@ class KneserNey:
     @classmethod
     def load(cls, path: str | Path) -> "KneserNey":
         """Read and check a saved model; every failure is a one-line CheckpointError."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.is_dir():  # a run directory: the model lm ngram train wrote there by default
+            found = sorted(path.glob("kn*.npz"))
+            if len(found) > 1:
+                raise CheckpointError(f"{path} holds {len(found)} n-gram models ({', '.join(f.name for f in found)}): "
+                                      "pass one of them")
+            path = found[0] if found else path
         if not path.is_file():
             raise CheckpointError(f"n-gram model {path} not found: make one with lm ngram train")
         bad = f"{path} is not a readable lm n-gram model"
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "meta" not in z.files:
+                    if any(f.endswith("data.pkl") for f in z.files):  # torch.save's archive
+                        raise CheckpointError(f"{path} is a neural checkpoint, not an n-gram model: score it with "
+                                              f"lm eval {path}, or make an n-gram model with lm ngram train {path}")
                     raise CheckpointError(f"{bad} (no 'meta' entry): make one with lm ngram train")
                 meta = json.loads(z["meta"].tobytes().decode())
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -157,7 +157,7 @@ def test_bad_model_files_give_one_line_errors(tiny_ngram, tiny_run, tmp_path, ca
     for name in ("truncated.npz", "random.npz", "foreign.npz"):
         with pytest.raises(CheckpointError):
             KneserNey.load(tmp_path / name)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="is a neural checkpoint, not an n-gram model: score it with lm eval"):
         KneserNey.load(tiny_run / "best.pt")  # an LSTM checkpoint is a zip too
     with np.load(tiny_ngram) as z:  # a well-formed file whose meta lies: no bos_id, order 0, bos_id past V
         arrays = {k: z[k] for k in z.files}
@@ -172,3 +172,20 @@ def test_bad_model_files_give_one_line_errors(tiny_ngram, tiny_run, tmp_path, ca
         assert main(["ngram", "eval", str(path)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("lm ngram: error: ")
+    assert main(["eval", str(tiny_ngram)]) == 1  # and the other way round
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lm eval: error: {tiny_ngram} is an n-gram model, not a neural checkpoint: "
+                   f"score it with lm ngram eval {tiny_ngram}"]
+
+
+def test_eval_finds_the_one_ngram_model_in_a_run_directory(tiny_ngram, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["ngram", "eval", str(run)]) == 1
+    assert "not found" in capsys.readouterr().err
+    (run / "kn3.npz").write_bytes(tiny_ngram.read_bytes())
+    assert main(["ngram", "eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["order"] == 3
+    (run / "kn5.npz").write_bytes(tiny_ngram.read_bytes())
+    assert main(["ngram", "eval", str(run)]) == 1
+    assert "holds 2 n-gram models (kn3.npz, kn5.npz): pass one of them" in capsys.readouterr().err
