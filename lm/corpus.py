@@ -191,6 +191,9 @@ def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
     matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
     if matches and any(ch in spec for ch in "*?["):
         return HeldOutFiles(name or path.stem.replace("*", "") or "glob", matches, spec, held_out)
+    if any(ch in spec for ch in "*?["):
+        raise DataError(f"{spec!r} matches no file: check the pattern (quote it, so that lm sees it "
+                        "rather than the shell), or give a directory")
     names = ", ".join(registry()) or "none"
     raise DataError(f"corpus {spec!r} not found: not a registered name ({names}), "
                     "nor an existing file or directory")

@@ -178,6 +178,18 @@ def test_hub_corpus_reads_rows_as_lines_and_fails_offline_with_the_mirror_hint(m
         list(c.lines("test"))
 
 
+def test_a_quoted_glob_reads_the_files_it_matches_in_path_order(tmp_path):
+    (tmp_path / "b.md").write_text("".join(f"b{i}\n" for i in range(50)))
+    (tmp_path / "a.md").write_text("".join(f"a{i}\n" for i in range(50)))
+    (tmp_path / "skip.txt").write_text("not matched\n")
+    c = open_corpus(str(tmp_path / "*.md"), held_out=0.1)
+    lines = [*c.lines("train"), *c.lines("valid"), *c.lines("test")]
+    assert lines == [f"a{i}" for i in range(50)] + [f"b{i}" for i in range(50)]  # a.md first, held out at the end
+    assert len(list(c.lines("test"))) == 10
+    with pytest.raises(DataError, match=r"'.*\*\.rst' matches no file: check the pattern"):
+        open_corpus(str(tmp_path / "*.rst"))
+
+
 def test_users_own_registry_entry_points_at_a_path(tmp_path, monkeypatch):
     (tmp_path / "corpora").mkdir()
     (tmp_path / "texts").mkdir()
