@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import threading
 import time
@@ -250,18 +251,27 @@ class Server(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(proto: Predictor, host: str = "127.0.0.1", port: int = 8080, log=print) -> int:
-    """Serve until Ctrl-C."""
+    """Serve until Ctrl-C or SIGTERM (what ``kill``, systemd and ``docker stop`` send):
+    either closes the socket, lets the requests in flight finish, and returns 0."""
     server = Server(proto, host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: listening on {host}, not only this machine; the API has no authentication")
+    main = threading.current_thread() is threading.main_thread()  # only there can signals be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     log(f"serving {server.url} (GET /health, POST {', '.join(FIELDS)}); Ctrl-C to stop")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        log("stopped")
     finally:
         server.server_close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

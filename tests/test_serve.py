@@ -1,6 +1,10 @@
 """lm serve: answers, 4xx with a message for every bad request, concurrent clients."""
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from http.client import HTTPConnection
 
@@ -10,6 +14,8 @@ from lm import checkpoint
 from lm.cache import NeuralCache
 from lm.predict import Predictor
 from lm.serve import MAX_BODY, MAX_TEXT, Server, requests_per_second
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +158,24 @@ def test_concurrent_clients_get_the_answers_of_sequential_ones(which, request):
 def test_requests_per_second(proto):
     r = requests_per_second(proto, "the cat sat on the mat .", requests=40, clients=2)
     assert r["requests"] == 40 and r["failures"] == 0 and r["requests_per_s"] > 0
+
+
+def test_sigterm_stops_the_server_cleanly(tiny_run):
+    """kill, systemd and docker stop send SIGTERM: the server says so and exits 0."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", str(tiny_run), "--port", "0"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("serving http://127.0.0.1:"), first + proc.stderr.read()
+        host, port = first.split()[1].removeprefix("http://").split(":")
+        conn = HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "stopped" and "Traceback" not in err
+
