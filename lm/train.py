@@ -648,18 +648,35 @@ def _truncate_metrics(path: Path, step: int, rollbacks: int) -> None:
     checkpoint.atomic_write(path, lambda f: f.write(text), hint="free some space or fix the permissions and run again")
 
 
+def _detach(fds: list[int]) -> None:
+    """Point the given descriptors (a terminal that hung up) at /dev/null: a write to the
+    dead terminal fails, and would end the run before it saves."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(null, fd)
+    os.close(null)
+
+
 @contextmanager
 def _stop_requests():
-    """Ctrl-C and SIGTERM ask the loop to stop after the current step (then it saves and
-    exits cleanly) instead of killing it mid-update. Yields a function telling whether
-    a stop was asked for."""
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal went away: a dropped SSH session) ask the
+    loop to stop after the current step (then it saves and exits cleanly) instead of
+    killing it mid-update. Yields a function telling whether a stop was asked for."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag.is_set
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hangup = getattr(signal, "SIGHUP", None)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, hangup) if s is not None}
+    if previous.get(hangup) == signal.SIG_IGN:  # under nohup: keep running
+        del previous[hangup]
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # known now: a hung-up terminal may not say
 
     def handler(signum, frame):
+        if signum == hangup:
+            _detach(terminals)
         if flag.is_set():  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         flag.set()

@@ -1,9 +1,12 @@
 """Exact resume: a run killed with SIGKILL and resumed equals a run never interrupted."""
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -88,6 +91,40 @@ def test_plateau_decay_and_early_stopping():
     state = {"best_val_loss": 4.0, "bad_evals": 0, "val_history": [], "averaging": False, "lr": 20.0}
     assert _after_evaluation(tc, state, 4.1, improved=False) == "" and state["lr"] == 10.0
     assert "patience" in _after_evaluation(tc, state, 4.2, improved=False)
+
+
+def test_a_hangup_saves_even_though_the_terminal_is_gone(tiny_corpus, tmp_path):
+    """SIGHUP (an SSH session dropped) stops the run like SIGTERM. Its terminal is gone, so
+    every write to it fails: lm points the terminal's descriptors at /dev/null first."""
+    run = tmp_path / "run"
+    main_fd, term_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run", str(run),
+                             "--emb-dim", "16", "--hidden-dim", "16", "--batch-size", "4", "--epochs", "100000",
+                             "--max-minutes", "0", "--save-every", "0", "--log-every", "1", "--threads", "1"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdin=subprocess.DEVNULL,
+                            stdout=term_fd, stderr=term_fd)
+    os.close(term_fd)
+    stop = threading.Event()
+    drain = threading.Thread(target=_read_until, args=(main_fd, stop), daemon=True)
+    drain.start()  # a terminal that nobody reads would block the run's progress bar
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    stop.set()
+    drain.join()
+    os.close(main_fd)  # the terminal goes away: writes to it now fail with EIO
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == 0
+    assert checkpoint.load(run / "last.pt")["state"]["step"] >= 1
+
+
+def _read_until(fd, stop):
+    while not stop.is_set():
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                os.read(fd, 1 << 16)
+            except OSError:
+                return
 
 
 def test_sigterm_saves_and_exits_cleanly_with_a_resume_hint(tiny_corpus, tmp_path):
