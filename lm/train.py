@@ -74,10 +74,18 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
     return Config.from_dict(merge(saved, overrides)).validate()
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux:
+    a container's or taskset's limit), else every core (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int) -> int:
     """Use one intra-op thread per available core unless told otherwise, and keep freed
     memory in the process (see ``keep_freed_memory``)."""
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or available_cores()
     torch.set_num_threads(n)
     keep_freed_memory()
     return n
@@ -257,7 +265,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
         raise ConfigError(f"{run_dir / 'last.pt'} has no loop state to resume from (an older format): "
                           "start a new run")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    threads = set_threads(tc.threads or max(1, len(os.sched_getaffinity(0)) // world))
+    threads = set_threads(tc.threads or max(1, available_cores() // world))
     device = pick_device(tc.device, rank)
     autocast = bf16_autocast(device) if tc.bf16 else None
 

@@ -297,3 +297,19 @@ def test_gram_rule_takes_grams_only_for_few_rows_and_blocks_larger_than_them():
     assert _gram_cheaper(17, 13278, 200) and _gram_cheaper(GRAM_ROWS, 6000, 256)
     assert not _gram_cheaper(GRAM_ROWS + 1, 6000, 256)  # many rows: written out
     assert not _gram_cheaper(60, 50, 200)  # Gram matrices larger than the block itself
+
+
+def test_threads_follow_the_cores_available_also_where_the_os_has_no_affinity(monkeypatch):
+    """Linux counts the cores this process may use (a container's limit); macOS and
+    Windows have no affinity call, and every core counts there."""
+    from lm import train as train_module
+
+    before = torch.get_num_threads()
+    try:
+        assert train_module.set_threads(0) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        monkeypatch.delattr(os, "sched_getaffinity")
+        monkeypatch.setattr(os, "cpu_count", lambda: 3)
+        assert train_module.available_cores() == 3 and train_module.set_threads(0) == 3
+        assert train_module.set_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
