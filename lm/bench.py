@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ def _peak_rss_mb() -> float:
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
+    import resource  # here, not at the top: Windows has no resource module, and every command imports lm.bench
+
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

@@ -212,3 +212,22 @@ def test_any_garbage_bytes_are_a_checkpoint_error_not_a_crash(tmp_path):
         path.write_bytes(rng.randbytes(rng.choice((8, 64, 4096))))
         with pytest.raises(CheckpointError, match="garbage"):
             checkpoint.load(path)
+
+
+def test_every_command_parses_without_unix_only_modules():
+    """Windows has no resource, fcntl or termios: building the command line (which every
+    command does, lm --help included) must not import them."""
+    code = """
+import builtins, sys
+real = builtins.__import__
+def guard(name, *args, **kwargs):
+    if name.split(".")[0] in ("resource", "fcntl", "termios"):
+        raise ImportError(f"no module named {name!r} on this platform")
+    return real(name, *args, **kwargs)
+builtins.__import__ = guard
+from lm.cli import build_parser
+build_parser().parse_args(["info", "x.pt"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
