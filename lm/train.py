@@ -623,7 +623,7 @@ def _average_gradients(model: torch.nn.Module, world: int, loss: torch.Tensor, s
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     dtype = params[0].grad.dtype
-    extra = torch.tensor([seconds, float(asked)], dtype=dtype)
+    extra = torch.tensor([seconds, float(asked)], dtype=dtype, device=params[0].grad.device)  # NCCL: on the GPU
     flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(dtype), extra])
     torch.distributed.all_reduce(flat)
     flat /= world
