@@ -56,7 +56,7 @@ def eval_lanes(stream: torch.Tensor, batch_size: int, bos_id: int) -> tuple[torc
     inputs = torch.cat([stream.new_tensor([bos_id]), stream[:-1]])
     lane = -(-n // batch_size)
     pad = lane * batch_size - n
-    mask = torch.ones(lane * batch_size, dtype=torch.bool)
+    mask = torch.ones(lane * batch_size, dtype=torch.bool, device=stream.device)
     if pad:
         mask[n:] = False
         inputs = torch.cat([inputs, inputs.new_zeros(pad)])

@@ -164,6 +164,22 @@ def make_optimizer(tc, model: torch.nn.Module, lr: float, averaging: bool) -> to
     return torch.optim.SGD(params, lr=lr, weight_decay=tc.weight_decay)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Make ``lr`` the learning rate of the optimiser's next step. torch's ASGD steps with
+    the rate it stored after its previous step (its ``eta``), so that is set as well;
+    otherwise each step of NT-ASGD's averaging phase would take the rate set for the one
+    before it (the anneal a step late, a variable-BPTT window's scale on the next window,
+    and the first step after a rollback at the rate that diverged)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if not isinstance(optimizer, torch.optim.ASGD):
+            continue
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "eta" in st:  # ASGD's own formula, at the steps taken so far
+                st["eta"].fill_(lr / (1 + group["lambd"] * lr * float(st["step"])) ** group["alpha"])
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float,
                  tied: TiedGradient | None = None) -> None:
     """Clip the global gradient norm of ``params`` to ``clip`` (0 = no clipping), then step.
@@ -305,16 +321,19 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
         optimizer = make_optimizer(tc, model, state["lr"], state["averaging"])
         optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # where dropout masks come from there
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         bptt_rng.set_state(state["bptt_rng"])
         hidden = [(h.to(device), c.to(device)) for h, c in state["hidden"]] if state["hidden"] else None
 
     def capture(metrics: dict | None) -> dict:
         """Everything the next step depends on, as a checkpoint dict of copies (later steps
         leave it alone); the weights are the averaged ones while NT-ASGD averages."""
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         carried = [tuple(t.detach().to("cpu", copy=True) for t in hc) for hc in hidden] if hidden else None
         extra = {"optimizer": copy.deepcopy(optimizer.state_dict()), "metrics": metrics or {},
                  "state": copy.deepcopy(state) | {"rng": torch.get_rng_state(), "bptt_rng": bptt_rng.get_state(),
-                                                  "hidden": carried}}
+                                                  "hidden": carried, "cuda_rng": cuda_rng}}
         if state["averaging"]:
             extra["raw_model"] = {k: v.clone() for k, v in model.state_dict().items()}
         with averaged_weights(model, optimizer, state["averaging"]):
@@ -442,8 +461,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
                 lr = state["lr"] * anneal_factor(tc.anneal, used)
                 if tc.variable_bptt:  # a longer window sums more terms: keep the step per token
                     lr *= x.size(1) / dc.bptt
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 clipped_step(optimizer, params, tc.clip, tied)
                 state["step"] += 1
                 state["pos"] = pos + x.size(1)

@@ -40,3 +40,9 @@ def test_eval_lanes_predict_every_token_exactly_once():
         # every other target's input is its predecessor in the stream
         flat_x, flat_y = x[mask], y[mask]
         assert torch.equal(flat_x[1:], flat_y[:-1])
+
+
+def test_eval_lanes_keep_the_stream_on_its_device():
+    # "meta" stands in for a GPU here: a mask left on the CPU fails masked_fill on CUDA
+    x, y, mask = eval_lanes(torch.arange(10, device="meta"), 3, bos_id=0)
+    assert x.device == y.device == mask.device == torch.device("meta")

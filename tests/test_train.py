@@ -155,6 +155,26 @@ def test_clipped_step_is_clip_grad_norm_then_step():
             assert opt_f.param_groups[0]["lr"] == 0.7  # the folded scale does not stay in the group
 
 
+@pytest.mark.parametrize("averaging", [False, True])
+def test_the_learning_rate_set_is_the_one_the_step_applies(averaging):
+    """NT-ASGD's averaging phase runs torch's ASGD, which steps with the rate stored after
+    its previous step: set_lr must reach that too, or each step takes the rate before."""
+    from lm.config import TrainConfig
+    from lm.train import clipped_step, make_optimizer, set_lr
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = make_optimizer(TrainConfig(optimizer="ntasgd", clip=0.0), model, lr=20.0, averaging=averaging)
+    applied = []
+    for lr in (10.0, 5.0, 1.0, 0.0):
+        set_lr(opt, lr)
+        model.weight.grad = torch.ones_like(model.weight)  # gradient 1: the step is -lr
+        before = model.weight.item()
+        clipped_step(opt, list(model.parameters()), 0.0)
+        applied.append(before - model.weight.item())
+    assert applied == pytest.approx([10.0, 5.0, 1.0, 0.0])
+
+
 def test_clipped_step_without_clip_is_the_plain_step_and_keeps_non_finite_gradients_visible():
     from lm.train import clipped_step
 
