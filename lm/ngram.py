@@ -19,7 +19,8 @@ just before the n-gram, plus one for each occurrence that has no word before it 
 very start of the stream), which is SRILM's treatment of n-grams at a sentence start.
 Discounts come from the count-of-counts n_1..n_4 of each order:
 Y = n_1 / (n_1 + 2 n_2), D(c) = c - (c + 1) Y n_{c+1} / n_c for c = 1, 2 and D(3+) at
-c = 3, each clipped to [0, c]. The probabilities sum to one over the vocabulary exactly
+c = 3; an order whose statistics give a discount outside (0, c) takes 0.5, 1, 1.5
+instead (see ``discounts``). The probabilities sum to one over the vocabulary exactly
 (up to rounding), for every context: what is discounted at an order is what gamma
 hands down, and the recursion ends in the uniform distribution.
 
@@ -297,14 +298,23 @@ class KneserNey:
         return cls(keys, counts, V, bos_id, tokenizer, meta)
 
 
+FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # what KenLM's --discount_fallback takes
+
+
 def discounts(counts: np.ndarray) -> np.ndarray:
-    """Chen and Goodman's D(1), D(2), D(3+) from one order's count-of-counts, each
-    clipped to [0, c] so that no n-gram gives away more than it has."""
+    """Chen and Goodman's D(1), D(2), D(3+) from one order's count-of-counts.
+
+    On a small or unusual corpus the count-of-counts need not fall (n_4 > n_3, say), and
+    the formula gives a discount outside (0, c). One of 0 lets a context whose words all
+    have that count keep its whole mass, so every word it has not seen gets probability
+    0 (an infinite perplexity); one of c leaves the order's n-grams nothing. Such an order
+    takes the fixed discounts 0.5, 1, 1.5 instead, as KenLM does when asked to."""
     n = np.bincount(np.clip(counts, 0, 5), minlength=6)[1:5].astype(np.float64)  # n_1..n_4
     y = n[0] / (n[0] + 2 * n[1]) if n[0] + 2 * n[1] > 0 else 0.0
     ratio = np.divide(n[1:], n[:3], out=np.zeros(3), where=n[:3] > 0)  # n_{c+1} / n_c
     c = np.arange(1.0, 4.0)
-    return np.clip(c - (c + 1) * y * ratio, 0.0, c)
+    d = c - (c + 1) * y * ratio
+    return d if bool(np.all((d > 0) & (d < c))) else np.array(FALLBACK_DISCOUNTS)
 
 
 def _continuation(prev: np.ndarray, cur: np.ndarray, firsts: np.ndarray, size: int, order: int) -> np.ndarray:

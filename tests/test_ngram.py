@@ -105,8 +105,23 @@ def test_discounts_follow_count_of_counts():
     counts = np.array([1] * 50 + [2] * 20 + [3] * 10 + [4] * 5 + [9] * 3)
     y = 50 / (50 + 2 * 20)
     np.testing.assert_allclose(discounts(counts), [1 - 2 * y * 20 / 50, 2 - 3 * y * 10 / 20, 3 - 4 * y * 5 / 10])
-    d = discounts(np.array([1, 1, 1]))  # degenerate statistics stay usable: 0 <= D(c) <= c
-    assert ((d >= 0) & (d <= [1, 2, 3])).all()
+    for degenerate in ([1, 1, 1],  # no n_2..n_4: the formula gives D(c) = c, nothing kept
+                       [1] * 30 + [2] * 9 + [3] * 4 + [4] * 5):  # n_4 > n_3: D(3+) < 0
+        np.testing.assert_allclose(discounts(np.array(degenerate)), [0.5, 1.0, 1.5])
+
+
+def test_every_word_keeps_some_probability_where_count_of_counts_do_not_fall():
+    # a small Zipfian stream whose order-3 count-of-counts rise from n_3 to n_4: with the
+    # formula's D(3+) clipped to 0, contexts kept all their mass and unseen words got p = 0
+    rng = np.random.default_rng(1)
+    V = 12
+    p = 1 / np.arange(1, V + 1) ** 1.2
+    train, test = rng.choice(V, size=400, p=p / p.sum()), rng.choice(V, size=60, p=p / p.sum())
+    model = KneserNey.train(train, V, bos_id=0, order=4)
+    assert np.isfinite(model.score(test)["ppl"]) and model.score(test)["ppl"] < V
+    for i in range(len(test)):
+        lp = model.log_probs(list(test[:i]))
+        assert bool(torch.isfinite(lp).all()) and float(lp.exp().sum()) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
