@@ -47,8 +47,9 @@ def check_settings(window: int, theta: float, lam: float) -> None:
         raise ConfigError(f"--cache-window must be a positive number of tokens, got {window}")
     if not (math.isfinite(theta) and theta >= 0):
         raise ConfigError(f"--cache-theta must be a finite number >= 0, got {theta}")
-    if not 0 <= lam <= 1:
-        raise ConfigError(f"--cache-lambda must be between 0 and 1, got {lam}")
+    if not 0 <= lam < 1:  # at 1 the cache alone scores, and a word not in it gets probability 0
+        raise ConfigError(f"--cache-lambda must be at least 0 and below 1 (the cache's share of the mixture), "
+                          f"got {lam}")
 
 
 class NeuralCache:

@@ -203,7 +203,7 @@ class AdaptiveSoftmax(nn.Module):
 
     def nll(self, h: Tensor, target: Tensor) -> Tensor:
         """h: (N, D), target: (N,) -> (N,). Only targets' clusters are computed."""
-        cluster = torch.bucketize(target, self.cuts, right=True)  # 0 = head, i+1 = tail i
+        cluster = torch.bucketize(target.contiguous(), self.cuts, right=True)  # 0 = head, i+1 = tail i
         # The tokens of every tail cluster, grouped by cluster: one gather of their
         # features (and one scatter of its gradient) for all the clusters.
         counts = torch.bincount(cluster, minlength=len(self.bounds) - 1).tolist()

@@ -46,8 +46,9 @@ FAIL_IN_SAVE = "LM_FAIL_IN_SAVE"  # SIGKILL it inside the save at that step: tem
 STOP_AT_STEP = "LM_STOP_AT_STEP"  # STEP or STEP@RANK: a stop request (as Ctrl-C makes) at that step, on that rank only
 NAN_AT_STEP = "LM_NAN_AT_STEP"  # comma-separated steps whose loss becomes NaN; a step listed n times, its first n runs
 ROLLBACK_LR_FACTOR = 0.5  # each rollback after a non-finite loss multiplies the learning rate by this
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_rollbacks", "save_every", "patience", "log_every", "threads",
-             "device", "bf16"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_rollbacks", "save_every", "patience", "min_lr", "log_every",
+             "threads", "device", "bf16"}
+MIN_LR_RATIO = 5e-4  # the default --min-lr's ratio to SGD's default --lr (0.01 / 20)
 
 
 def build_config(*layers: dict) -> Config:
@@ -151,8 +152,31 @@ def anneal_factor(anneal: float, used: float) -> float:
 
 
 def default_run_dir(cfg: Config) -> Path:
-    name = Path(cfg.data.corpus).stem if ("/" in cfg.data.corpus or "." in cfg.data.corpus) else cfg.data.corpus
-    return Path("checkpoints") / (name or "run")
+    spec = cfg.data.corpus
+    if "/" in spec or "." in spec:  # a path: its file or folder name; a glob's folder before its wildcard
+        parts = Path(spec).parts
+        wild = next((i for i, part in enumerate(parts) if set(part) & set("*?[")), None)
+        spec = Path(spec).stem if wild is None else (parts[wild - 1] if wild else "")
+    return Path("checkpoints") / (spec.strip("./\\ ") or "run")
+
+
+def min_lr(tc) -> float:
+    """The rate below which a plateau's decay ends the run: --min-lr, unless the run
+    starts at or below it (AdamW's rates, say), where it would end at the first plateau;
+    then --lr times the defaults' ratio."""
+    return tc.min_lr if tc.min_lr < tc.lr else tc.lr * MIN_LR_RATIO
+
+
+def _ended(tc, state: dict) -> str:
+    """Why a saved run that stopped early stays stopped under ``tc``, with what would
+    let it go on; "" if it may train."""
+    if tc.optimizer != "ntasgd" and state["lr"] < min_lr(tc):
+        return (f"its learning rate {state['lr']:.3g} is below --min-lr {min_lr(tc):.3g}: resume with a lower "
+                "--min-lr to train on")
+    if tc.patience and state["bad_evals"] >= tc.patience:
+        return (f"no improvement in its last {state['bad_evals']} evaluations (--patience {tc.patience}): resume "
+                "with a larger --patience, or 0, to train on")
+    return ""
 
 
 def make_optimizer(tc, model: torch.nn.Module, lr: float, averaging: bool) -> torch.optim.Optimizer:
@@ -258,6 +282,14 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     rank, world = _init_distributed(tc)
     try:
         return _train(cfg, run_dir, rank, world, resume=resume, progress=progress, log=log)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (a GPU's) is a RuntimeError
+        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+            raise
+        kept = (f"; {run_dir / 'last.pt'} is intact (lm train --resume {run_dir} continues from it)"
+                if (run_dir / "last.pt").exists() else "")
+        raise LMError(f"out of memory: the model ({cfg.model.n_layers} x {cfg.model.hidden_dim} LSTM, "
+                      f"{cfg.model.emb_dim}-wide embeddings) or its batch ({cfg.data.batch_size} x {cfg.data.bptt}) "
+                      f"is too large for this machine: lower --hidden-dim, --emb-dim or --batch-size{kept}") from None
     except torch.distributed.DistError as e:  # a collective broke off: a rank stopped, or the network
         why = (str(e).strip().splitlines() or ["no reason given"])[0][:200]
         raise LMError(f"rank {rank} lost the other ranks ({why}): another rank's error above says why, or the "
@@ -368,6 +400,9 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
             raise CheckpointError(f"cannot create {run_dir}: {e.strerror or e}; "
                                   "choose another --run directory") from None
         _truncate_metrics(metrics_path, state["step"], state["rollbacks"])
+        if not ckpt:  # a new run where --overwrite allowed one: the old run's checkpoints go with its log,
+            for name in ("best.pt", "last.pt"):  # or an early stop would leave its best.pt as this run's
+                (run_dir / name).unlink(missing_ok=True)
         log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
@@ -424,6 +459,8 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
                 f"(rollback {count} of at most {tc.max_rollbacks})")
 
     stop, fail_at = "", int(os.environ.get(FAIL_AT_STEP, "0"))
+    if ckpt and state["epoch"] <= tc.epochs and (ended := _ended(tc, state)):  # stopped early, and would again
+        stop = f"nothing trained: the run had stopped, {ended}"
     fail_in_save = int(os.environ.get(FAIL_IN_SAVE, "0"))
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
     start = time.monotonic() - state["elapsed"]
@@ -537,12 +574,19 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
     if stop == "interrupted" and lead:
         log(f"interrupted at step {state['step']:,}: saved {run_dir / 'last.pt'}; continue with "
             f"lm train --resume {run_dir}")
-    summary = {"run": str(run_dir), "epochs": min(state["epoch"], tc.epochs), "steps": state["step"],
-               "best_valid_ppl": math.exp(state["best_val_loss"]) if math.isfinite(state["best_val_loss"]) else None,
+    epochs = min(state["epoch"] - 1 + state["pos"] / max(columns, 1), tc.epochs)  # a partial one counts its share
+    summary = {"run": str(run_dir), "epochs": round(epochs, 2), "steps": state["step"],
+               "best_valid_ppl": perplexity(state["best_val_loss"], 1) if math.isfinite(state["best_val_loss"]) else None,
                "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
                "checkpoint": str(run_dir / "best.pt"), "rollbacks": state["rollbacks"]}
     log_metrics({"summary": summary})
     return summary
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether ``e`` is an allocator's failure (the CPU's has no exception type of its own)."""
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        m in str(e) for m in ("can't allocate memory", "DefaultCPUAllocator", "out of memory"))
 
 
 def _all_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int) -> bool:
@@ -578,8 +622,8 @@ def _after_evaluation(tc, state: dict, val_loss: float, improved: bool) -> str:
             note = note or "average"
     elif not improved:
         state["lr"] *= tc.lr_decay
-        if state["lr"] < tc.min_lr:
-            note = note or f"learning rate fell below --min-lr {tc.min_lr:g}"
+        if state["lr"] < min_lr(tc):
+            note = note or f"learning rate fell below --min-lr {min_lr(tc):.3g}"
     history.append(val_loss)
     return note
 

@@ -67,6 +67,30 @@ def test_resume_refuses_to_change_the_model(tiny_run):
     assert cfg.train.epochs == 9
 
 
+def test_a_run_that_stopped_early_stays_stopped_on_resume_until_the_rule_is_lifted(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = checkpoint.load(run / "last.pt")
+    step = ckpt["state"]["step"]
+    ckpt["state"].update(lr=0.001)  # as a plateau decay below --min-lr (0.01) leaves it
+    checkpoint.save(ckpt, run / "last.pt")
+    stopped = json.loads(lm("train", "--resume", run, "--epochs", "4", "--json", "--quiet").stdout)
+    assert stopped["steps"] == step and stopped["stopped"].startswith("nothing trained: the run had stopped")
+    assert "lower --min-lr" in stopped["stopped"]
+    resumed = json.loads(lm("train", "--resume", run, "--epochs", "4", "--min-lr", "1e-4", "--json", "--quiet").stdout)
+    assert resumed["steps"] > step and resumed["epochs"] == 4
+
+
+def test_the_min_lr_rule_does_not_end_a_run_that_starts_below_it():
+    # AdamW's rates sit below the default --min-lr (0.01): its first plateau must not end the run
+    tc = TrainConfig(optimizer="adamw", lr=0.003, lr_decay=0.1)
+    state = {"best_val_loss": 4.0, "bad_evals": 0, "val_history": [], "averaging": False, "lr": 0.003}
+    notes = [_after_evaluation(tc, state, 4.1, improved=False) for _ in range(4)]  # 3e-4, 3e-5, 3e-6, 3e-7
+    assert notes[:3] == ["", "", ""] and "below --min-lr 1.5e-06" in notes[3]  # --lr x 0.01 / 20
+
+
 def test_resume_without_a_run_says_where_it_looked(tmp_path):
     with pytest.raises(ConfigError, match=r"nope does not exist: nothing to resume there\. .* lm train --run "):
         resume_config(tmp_path / "nope", {})

@@ -49,8 +49,51 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
 def test_max_steps_budget_stops_mid_epoch(tiny_corpus, tmp_path):
     summary = train(tiny_config(tiny_corpus, epochs=50, max_steps=7), tmp_path, progress=False,
                     log=lambda *a: None)
-    assert summary["steps"] == 7 and summary["epochs"] == 1
+    state = checkpoint.load(tmp_path / "last.pt")["state"]
+    assert summary["steps"] == 7 and 0 < summary["epochs"] == round(state["pos"] / state["columns"], 2) < 1
     assert "max-steps" in summary["stopped"]
+
+
+def test_summary_counts_the_epochs_trained_also_when_a_stop_falls_on_an_epoch_end(tiny_corpus, tmp_path):
+    # a --max-steps budget that runs out exactly at the end of epoch 1: one epoch, not two
+    steps = checkpoint.load(_one_epoch_run(tiny_corpus, tmp_path / "one") / "last.pt")["state"]["step"]
+    summary = train(tiny_config(tiny_corpus, epochs=5, max_steps=steps), tmp_path / "b", progress=False,
+                    log=lambda *a: None)
+    assert summary["steps"] == steps and summary["epochs"] == 1
+
+
+def _one_epoch_run(corpus, run):
+    train(tiny_config(corpus, epochs=1), run, progress=False, log=lambda *a: None)
+    return run
+
+
+def test_overwrite_takes_the_old_runs_checkpoints_away_with_its_log(tiny_corpus, tmp_path):
+    run = _one_epoch_run(tiny_corpus, tmp_path / "run")
+    assert (run / "best.pt").exists()
+    # the new run stops before its first evaluation: the old best.pt must not pass for its result
+    env = dict(os.environ, PYTHONPATH=str(REPO), LM_STOP_AT_STEP="2")
+    proc = subprocess.run([sys.executable, "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run", str(run),
+                           "--overwrite", "--emb-dim", "8", "--hidden-dim", "8", "--cutoffs", "10,20",
+                           "--batch-size", "4", "--bptt", "8", "--threads", "1", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (run / "best.pt").exists()
+    assert checkpoint.load(run / "last.pt")["config"]["model"]["hidden_dim"] == 8
+
+
+def test_a_model_too_large_for_memory_is_a_one_line_error(tiny_corpus, tmp_path):
+    import resource
+
+    def limit():  # 4 GB of address space, and a model of 4 x 60,000 x 60,016 floats (58 GB)
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "lm", "train", "--corpus", str(tiny_corpus), "--run",
+                           str(tmp_path / "big"), "--emb-dim", "16", "--hidden-dim", "60000", "--cutoffs", "10,20",
+                           "--batch-size", "4", "--bptt", "8", "--threads", "1", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          timeout=120, preexec_fn=limit)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "out of memory" in proc.stderr and "--hidden-dim" in proc.stderr
 
 
 def test_training_from_local_text_and_its_token_cache_never_imports_datasets(tiny_corpus, tmp_path):
