@@ -16,7 +16,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     likely; top_p keeps the smallest set whose probability reaches p."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.max().float()) / temperature  # the best at 0: no temperature above 0
+    # however small turns every logit to -inf (and softmax to NaN); the likeliest stay finite
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -11,6 +11,16 @@ def test_temperature_zero_and_top_k_one_are_greedy():
     assert all(sample_next(logits, top_k=1, generator=g) == int(logits.argmax()) for _ in range(20))
 
 
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    logits = torch.log_softmax(torch.randn(1000), -1)  # log-probs, all negative: x / 1e-300 was -inf for all
+    logits[5] = float("-inf")  # a banned word
+    g = torch.Generator().manual_seed(1)
+    for t in (1e-39, 1e-300, 5e-324):
+        assert sample_next(logits, temperature=t, generator=g) == int(logits.argmax())
+    for top_k, top_p in ((3, 1.0), (0, 0.5)):
+        assert sample_next(logits, temperature=1e-300, top_k=top_k, top_p=top_p, generator=g) == int(logits.argmax())
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     g = torch.Generator().manual_seed(0)
