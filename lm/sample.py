@@ -14,10 +14,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
                 generator: torch.Generator | None = None) -> int:
     """One token id from (V,) logits. Temperature 0 is greedy; top_k keeps the k most
     likely; top_p keeps the smallest set whose probability reaches p."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature that is 0 in float32
         return int(logits.argmax())
-    logits = (logits.float() - logits.max().float()) / temperature  # the best at 0: no temperature above 0
-    # however small turns every logit to -inf (and softmax to NaN); the likeliest stay finite
+    logits = (logits.float() - logits.max().float()) / temperature  # the best at 0: a tiny temperature
+    # turns the others to -inf, not every logit (and softmax to NaN)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
