@@ -13,6 +13,8 @@ The rules, in the order they run:
   word joiners (``inter\u00adnational`` is one word). A zero-width space separates
   words; the zero-width (non-)joiner belongs to its word, as in Persian ``می‌خواهم``.
   U+FEFF stays: WikiText keeps it as a token of its own.
+* Text is put in Unicode's composed form (NFC), as corpora are: a letter typed as a
+  base letter plus a combining accent is the corpus's accented letter.
 * Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
   ``( ) " ; : ! ? % $ & / – —`` and so on. ``<unk>`` stays one token.
 * A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
@@ -54,7 +56,7 @@ _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 2
+RULES = 3
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")
@@ -100,6 +102,8 @@ def _final_period(m: re.Match[str]) -> str:
 def pretokenize(text: str) -> str:
     """One line of natural text as WikiText-convention tokens joined by single spaces."""
     text = _INVISIBLE.sub("", text).replace(_ZWSP, " ")
+    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)  # "e" + U+0301 (macOS, copied text) is the corpus's "é"
     text = " ".join(text.split()).replace("<unk>", _PH)
     text = _SPECIAL.sub(r" \1\2 ", text)
     text = _HYPHEN.sub(" @-@ ", text)

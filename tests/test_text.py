@@ -59,6 +59,8 @@ PRETOKENIZED = [
     ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 ."),
     # WikiText keeps U+FEFF as a token of its own (train.txt, "W \ufeff / 51").
     ("3 ° W\ufeff/ 51", "3 ° W \ufeff / 51"),
+    # Decomposed accents (macOS, copied text) are composed, as the corpora are.
+    ("cafe\u0301 Zu\u0308rich", "caf\u00e9 Z\u00fcrich"),
 ]
 
 
