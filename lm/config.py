@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lm.errors import ConfigError
+
+MAX_SEED = (1 << 63) - 1  # torch takes seeds below 2**64; training adds rank and step offsets to its seed
 
 
 def opt(default: Any, help: str) -> Any:
@@ -131,6 +134,7 @@ class TrainConfig:
         _between("beta", self.beta, 0.0, 1e3)
         _at_least("patience", self.patience, 0)
         _at_least("save_every", self.save_every, 0)
+        _between("seed", self.seed, 0, MAX_SEED)
         _between("log_every", self.log_every, 1, 10**9)
         _between("threads", self.threads, 0, 1024)
         _choice("device", self.device, ("cpu", "cuda", "auto"))
@@ -147,6 +151,7 @@ class SampleConfig:
         _between("temperature", self.temperature, 0.0, 100.0)
         _at_least("top_k", self.top_k, 0)
         _between("top_p", self.top_p, 1e-6, 1.0)
+        _between("seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass
@@ -167,28 +172,87 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, source: str = "", prefix: str = "") -> "Config":
+        """The config ``d`` ({section: {field: value}}) describes, each value checked
+        against its field's type. Errors start with ``source`` (the file ``d`` was read
+        from, if any) and call each table ``[prefix + section]``."""
+        where = f"{source}: " if source else ""
         sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
         unknown = set(d) - set(sections)
         if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-        return cls(**{name: _section_from_dict(make(), d.get(name, {}), name)
+            raise ConfigError(f"{where}unknown config section(s): {', '.join(sorted(unknown))}")
+        return cls(**{name: _section_from_dict(make(), d.get(name, {}), prefix + name, where)
                       for name, make in sections.items()})
 
 
-def _section_from_dict(section: Any, values: dict, name: str) -> Any:
+def _section_from_dict(section: Any, values: dict, name: str, where: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}{name} must be a [{name}] table of settings, got {_found(values)}")
     known = {f.name for f in dataclasses.fields(section)}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    # TOML (and a checkpoint) hold any type anywhere: a float n_layers or a string
+    # tie_weights = "no" (truthy!) would otherwise fail deep in torch or be misread.
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        expected = _expected(hints[key], value)
+        if expected:
+            raise ConfigError(f"{where}[{name}] {key} must be {expected}, got {_found(value)}")
     return dataclasses.replace(section, **values)
 
 
+def _expected(tp: Any, value: Any) -> str | None:
+    """What a field annotated ``tp`` takes, in words, if ``value`` is not that; else
+    None. A bool is no int here (Python says it is), and an int is a fine float."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        (tp,) = (a for a in args if a is not type(None))
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(_KINDS[item][2](v) for v in value)
+        return None if ok else f"a list of {_KINDS[item][1]}, e.g. [1, 2]"
+    one, _, fits = _KINDS[tp]
+    return None if fits(value) else one
+
+
+_KINDS = {  # field type -> (what it takes, in words; the plural; whether a value fits)
+    int: ("an integer", "integers", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", "numbers", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    bool: ("true or false", "booleans", lambda v: isinstance(v, bool)),
+    str: ('a "string"', "strings", lambda v: isinstance(v, str)),
+}
+
+
+def _found(value: Any) -> str:
+    """A wrong value for a message, as TOML spells it ("2" is a string, 2 a number,
+    true a bool), cut short."""
+    shown = json.dumps(value, default=str)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def check_registry_entry(entry: dict, file: str | Path) -> dict:
+    """Check the values of a corpus registry entry (``corpora/NAME.toml``, parsed) that
+    become paths or config: ``path`` and ``mirror`` name folders, ``hub`` is a table, and
+    ``defaults`` is a config layer under the config file and flags. Returns ``entry``;
+    an error names the file and the key."""
+    where = f"corpus registry entry {file}"
+    for key, kind in (("path", str), ("mirror", str), ("hub", dict), ("defaults", dict)):
+        if key in entry and not isinstance(entry[key], kind):
+            what = 'a "string"' if kind is str else f"a [{key}] table"
+            raise ConfigError(f"{where}: {key} must be {what}, got {_found(entry[key])}")
+    Config.from_dict(entry.get("defaults", {}), where, prefix="defaults.")
+    return entry
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Read a TOML config file as data (never executed)."""
+    """Read a TOML config file as data (never executed), its values checked here so
+    that an error can name the file."""
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8-sig"))
+        layer = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {p} not found") from None
     except IsADirectoryError:
@@ -197,6 +261,8 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    Config.from_dict(layer, f"config file {p}")
+    return layer
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +303,8 @@ def merge(*layers: dict) -> dict:
     """Merge {section: {field: value}} dicts, later layers winning."""
     out: dict[str, dict] = {}
     for layer in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError(f"a config layer must be a table of [sections], got {_found(layer)}")
         for section, values in layer.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"config entry {section!r} must be a [section] table")
