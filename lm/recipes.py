@@ -64,8 +64,9 @@ def recipe(name: str) -> dict:
 
 def to_toml(name: str) -> str:
     """A recipe as a TOML config file (usable with --config)."""
+    layer = recipe(name)  # an unknown name is a one-line error here, as in lm train --recipe
     lines = [f"# {name}: {RECIPES[name]['description']}"]
-    for section, values in recipe(name).items():
+    for section, values in layer.items():
         lines.append(f"[{section}]")
         for k, v in values.items():
             lines.append(f"{k} = {_toml_value(v)}")

@@ -24,6 +24,16 @@ def test_recipes_listed_and_flags_override_them(capsys):
     assert set(RECIPES) == {"wt2-cpu", "ptb-cpu", "awd-wt2", "awd-ptb"}
 
 
+def test_an_unknown_recipe_is_the_same_one_line_error_for_recipes_and_train(capsys):
+    said = {}
+    for command in ("recipes", "train"):
+        assert main([command, "nope"] if command == "recipes" else [command, "--recipe", "nope"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lm {command}: error: unknown recipe 'nope': choose one of ")
+        said[command] = err[0].split(": error: ")[1]
+    assert said["recipes"] == said["train"] and "wt2-cpu" in said["train"]
+
+
 def test_plot_draws_a_png(tiny_run, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert main(["plot", str(tiny_run), "--out", str(out)]) == 0
