@@ -42,6 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = overrides_from_args(args)
     if args.resume:
         run = _run_folder(args.resume)
+        _check_resume_flags(args, run)
         cfg = resume_config(run, flags)
     else:
         layers = [recipe(args.recipe)] if args.recipe else []
@@ -58,6 +59,22 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({summary['stopped']}); best valid ppl {best:.2f} -> {summary['checkpoint']}"
               if best is not None else f"stopped before the first evaluation ({summary['stopped']})")
     return 0
+
+
+def _check_resume_flags(args: argparse.Namespace, run: Path) -> None:
+    """Refuse what --resume would otherwise ignore: a resumed run keeps its own config
+    and folder, and changes only by the budget and logistics flags resume_config takes."""
+    for flag, given in (("--config", args.config), ("--recipe", args.recipe)):
+        if given:
+            raise ConfigError(f"{flag} does not apply with --resume: a resumed run keeps the config it was "
+                              "trained with; give budget changes as flags (--epochs, --max-steps, --max-minutes)")
+    # the same folder again is no change (torchrun launches pass --run-dir and --resume alike)
+    if args.run and Path(args.run).expanduser().resolve() != run.resolve():
+        raise ConfigError(f"--run {args.run} does not apply with --resume: the run is the one --resume names "
+                          f"({run}); to start a new run in {args.run}, drop --resume")
+    if args.overwrite:
+        raise ConfigError(f"--overwrite does not apply with --resume: resuming continues the run in {run}; "
+                          "to start it over, drop --resume")
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

@@ -91,6 +91,32 @@ def test_the_min_lr_rule_does_not_end_a_run_that_starts_below_it():
     assert notes[:3] == ["", "", ""] and "below --min-lr 1.5e-06" in notes[3]  # --lr x 0.01 / 20
 
 
+def test_resume_refuses_the_flags_it_would_ignore(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from lm.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "last.pt").read_bytes()
+    (tmp_path / "c.toml").write_text("[train]\nepochs = 4\nlr = 1.0\n")
+    budget = "give budget changes as flags (--epochs, --max-steps, --max-minutes)"
+    for extra, says in ((["--config", tmp_path / "c.toml"], "--config does not apply with --resume: "),
+                        (["--recipe", "wt2-cpu"], f"--recipe does not apply with --resume: a resumed run keeps "
+                                                  f"the config it was trained with; {budget}"),
+                        (["--run", tmp_path / "elsewhere"], f"--run {tmp_path / 'elsewhere'} does not apply with "
+                                                            f"--resume: the run is the one --resume names ({run})"),
+                        (["--overwrite"], f"--overwrite does not apply with --resume: resuming continues the run in {run}")):
+        assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet", *map(str, extra)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert (run / "last.pt").read_bytes() == before and not (tmp_path / "elsewhere").exists()
+    from lm.cli import _check_resume_flags, build_parser
+
+    same = build_parser().parse_args(["train", "--resume", str(run / "last.pt"), "--run-dir", f"{run}/."])
+    _check_resume_flags(same, run)  # the run's own folder again is no change (as torchrun launches pass it)
+
+
 def test_resume_without_a_run_says_where_it_looked(tmp_path):
     with pytest.raises(ConfigError, match=r"nope does not exist: nothing to resume there\. .* lm train --run "):
         resume_config(tmp_path / "nope", {})
