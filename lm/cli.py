@@ -131,12 +131,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lm.evaluate import add_word_level, evaluate, write_token_dump
     from lm.train import set_threads
 
+    _refuse_unused_eval_flags(args)
     _check_eval_methods(args)
     set_threads(args.threads)
     cfg, model, tokenizer, _ = load_model(args.checkpoint)
     if args.autocomplete:
         from lm.keyboard import lstm_rows
         return _autocomplete(args, tokenizer, lambda stream: lstm_rows(model, stream, tokenizer.eos_id))
+    args.split, args.batch_size = args.split or EVAL_SPLIT, args.batch_size or EVAL_BATCH_SIZE
     corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict, held_out=cfg.data.held_out)
     stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
     dump = args.dump_tokens is not None
@@ -160,6 +162,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
         _print_eval_methods(result)
     return 0
+
+
+# Defaults of eval flags that some modes ignore: the flags default to None, so that
+# _refuse_unused_eval_flags can tell a value the user typed from the default.
+EVAL_SPLIT, EVAL_BATCH_SIZE, AUTOCOMPLETE_K = "valid", 10, 3
+_CACHE_OPTIONS = ("cache_window", "cache_theta", "cache_lambda")
+_DYNAMIC_OPTIONS = ("dynamic_lr", "dynamic_decay", "dynamic_bptt", "dynamic_ms_tokens")
+
+
+def _refuse_unused_eval_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag that the rest of the command line leaves without effect (lm eval
+    and lm ngram eval): a flag quietly ignored reads as a result it did not shape."""
+    def given(*dests: str) -> list[str]:
+        values = {d: getattr(args, d, None) for d in dests}  # (lm ngram eval has fewer flags)
+        return [_flag(d) for d, v in values.items() if v is not None and v is not False]  # 0 is given
+
+    if args.autocomplete:
+        unused = given("split", "corpus", "batch_size", "strict", "dump_tokens", "cache", "tune_cache",
+                       *_CACHE_OPTIONS, "dynamic", *_DYNAMIC_OPTIONS)
+        if unused:
+            raise ConfigError(f"{unused[0]} has no effect with --autocomplete, which types FILE and reports "
+                              "keyboard metrics only: drop one of them")
+        return
+    if unused := given("k", "max_words"):
+        raise ConfigError(f"{unused[0]} has no effect without --autocomplete FILE (keyboard metrics)")
+    if not (getattr(args, "cache", False) or getattr(args, "tune_cache", False)):
+        if unused := given(*_CACHE_OPTIONS):
+            raise ConfigError(f"{unused[0]} has no effect without --cache or --tune-cache")
+    elif args.tune_cache and (unused := given("cache_theta", "cache_lambda")):
+        raise ConfigError(f"{unused[0]} has no effect with --tune-cache, which chooses it on the valid split: "
+                          "drop one of them")
+    if not getattr(args, "dynamic", None):
+        if unused := given(*_DYNAMIC_OPTIONS):
+            raise ConfigError(f"{unused[0]} has no effect without --dynamic sgd or --dynamic rms")
+    elif args.dynamic != "rms" and (unused := given("dynamic_ms_tokens")):
+        raise ConfigError(f"{unused[0]} has no effect with --dynamic {args.dynamic}: only rms gathers "
+                          "gradient statistics")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def _check_output_path(flag: str, path: str) -> None:
@@ -301,6 +344,7 @@ def cmd_ngram_eval(args: argparse.Namespace) -> int:
     from lm.data import token_stream
     from lm.ngram import KneserNey
 
+    _refuse_unused_eval_flags(args)
     model = KneserNey.load(args.model)
     tok = model.tokenizer
     if args.autocomplete:
@@ -309,6 +353,7 @@ def cmd_ngram_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} does not say which corpus it was trained on: "
                           "score a text file with --autocomplete instead")
     corpus = open_corpus(model.meta["corpus"], held_out=model.meta.get("held_out", DataConfig().held_out))
+    args.split = args.split or EVAL_SPLIT
     stream = token_stream(corpus, args.split, tok, progress=not args.json)
     result = model.score(stream, tok.eos_id) | {"split": args.split, "corpus": corpus.name, "model": str(args.model),
                                                  "order": model.order}
@@ -325,7 +370,8 @@ def _autocomplete(args: argparse.Namespace, tokenizer, rows) -> int:
     """``--autocomplete FILE`` for any model given as stream -> next-word log-prob rows."""
     from lm.keyboard import score_file
 
-    r = score_file(args.autocomplete, tokenizer, rows, k=args.k, max_words=args.max_words, progress=not args.json)
+    r = score_file(args.autocomplete, tokenizer, rows, k=args.k or AUTOCOMPLETE_K, max_words=args.max_words,
+                   progress=not args.json)
     if args.json:
         _print_json(r)
     else:
@@ -339,7 +385,7 @@ def _autocomplete_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocomplete", metavar="FILE",
                    help="instead of perplexity: next-word accuracy and keystroke savings typing FILE "
                         "(definitions in lm/keyboard.py)")
-    p.add_argument("--k", type=_positive_int, default=3, help="with --autocomplete: suggestions shown (default: 3)")
+    p.add_argument("--k", type=_positive_int, help=f"with --autocomplete: suggestions shown (default: {AUTOCOMPLETE_K})")
     p.add_argument("--max-words", type=_positive_int, metavar="N",
                    help="with --autocomplete: type only the first N words")
 
@@ -542,9 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint on a split")
     e.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
-    e.add_argument("--split", choices=("train", "valid", "test"), default="valid", help="which split to score (default: valid)")
+    e.add_argument("--split", choices=("train", "valid", "test"), help=f"which split to score (default: {EVAL_SPLIT})")
     e.add_argument("--corpus", help="score another corpus than the one trained on")
-    e.add_argument("--batch-size", type=_positive_int, default=10, help="lanes; 1 is the exact reference (default: 10)")
+    e.add_argument("--batch-size", type=_positive_int,
+                   help=f"lanes; 1 is the exact reference (default: {EVAL_BATCH_SIZE})")
     e.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads; 0 = one per core (default: 0)")
     e.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -582,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     nt.set_defaults(func=cmd_ngram_train)
     nv = ngs.add_parser("eval", help="perplexity on a split, or autocomplete metrics on a text file")
     nv.add_argument("model", help="a model file from lm ngram train, or the run directory holding it")
-    nv.add_argument("--split", choices=("train", "valid", "test"), default="valid", help="which split to score (default: valid)")
+    nv.add_argument("--split", choices=("train", "valid", "test"), help=f"which split to score (default: {EVAL_SPLIT})")
     nv.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _autocomplete_flags(nv)
     nv.set_defaults(func=cmd_ngram_eval)

@@ -136,6 +136,51 @@ def test_cli_eval_bad_method_settings_are_usage_errors(tiny_run, flags, match, c
     assert len(err) == 1 and match in err[0]
 
 
+ALONE = "has no effect with --autocomplete, which types FILE and reports keyboard metrics only: drop one of them"
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--autocomplete", "T", "--cache", "--dynamic", "sgd", "--dump-tokens", "D", "--split", "test"], f"--split {ALONE}"),
+    (["--autocomplete", "T", "--split", "valid"], f"--split {ALONE}"),  # even the default, typed: it changes nothing
+    (["--autocomplete", "T", "--cache"], f"--cache {ALONE}"),
+    (["--autocomplete", "T", "--dynamic", "rms"], f"--dynamic {ALONE}"),
+    (["--autocomplete", "T", "--dump-tokens", "D"], f"--dump-tokens {ALONE}"),
+    (["--autocomplete", "T", "--batch-size", "1"], f"--batch-size {ALONE}"),
+    (["--autocomplete", "T", "--corpus", "T"], f"--corpus {ALONE}"),
+    (["--k", "7", "--max-words", "3", "--cache-window", "5"], "--k has no effect without --autocomplete FILE"),
+    (["--max-words", "3"], "--max-words has no effect without --autocomplete FILE"),
+    (["--cache-window", "5"], "--cache-window has no effect without --cache or --tune-cache"),
+    (["--cache-lambda", "0"], "--cache-lambda has no effect without --cache or --tune-cache"),  # 0 is a value given
+    (["--tune-cache", "--cache-theta", "0.5"], "--cache-theta has no effect with --tune-cache, which chooses it"),
+    (["--cache", "--tune-cache", "--cache-lambda", "0.2"], "--cache-lambda has no effect with --tune-cache"),
+    (["--dynamic-lr", "0.1"], "--dynamic-lr has no effect without --dynamic sgd or --dynamic rms"),
+    (["--dynamic-bptt", "5", "--split", "test"], "--dynamic-bptt has no effect without --dynamic"),
+    (["--dynamic", "sgd", "--dynamic-ms-tokens", "500"], "--dynamic-ms-tokens has no effect with --dynamic sgd"),
+])
+def test_cli_eval_refuses_a_flag_the_other_flags_leave_without_effect(tiny_run, tiny_corpus, tmp_path, flags, says,
+                                                                      capsys):
+    from lm.cli import main
+
+    files = {"T": str(tiny_corpus / "test.txt"), "D": str(tmp_path / "tokens.tsv")}
+    assert main(["eval", str(tiny_run), *[files.get(f, f) for f in flags]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lm eval: error: {says}"), err
+    assert not (tmp_path / "tokens.tsv").exists()
+
+
+def test_cli_ngram_eval_refuses_the_same_unused_flags(tiny_run, tiny_corpus, tmp_path, capsys):
+    from lm.cli import main
+
+    kn = tmp_path / "kn.npz"
+    assert main(["ngram", "train", str(tiny_run), "--order", "2", "--out", str(kn), "--json"]) == 0
+    for flags, says in ((["--k", "2"], "--k has no effect without --autocomplete FILE"),
+                        (["--autocomplete", str(tiny_corpus / "test.txt"), "--split", "test"], f"--split {ALONE}")):
+        capsys.readouterr()
+        assert main(["ngram", "eval", str(kn), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lm ngram: error: {says}"), err
+
+
 @pytest.mark.parametrize("path,match", [("/no/such/dir/b.json", "no such directory"), ("/tmp", "is a directory")])
 def test_bench_json_to_an_unwritable_place_fails_before_measuring(path, match, capsys, monkeypatch):
     import lm.bench
