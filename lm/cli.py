@@ -682,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="draw a run's loss and perplexity curves to a PNG (needs matplotlib)")
     pl.add_argument("run", help="run directory with metrics.jsonl (or any file in it)")
-    pl.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    pl.add_argument("--out", help="image path: .png, .pdf or .svg; a name with no suffix gets .png "
+                                  "(default: RUN/curves.png)")
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (make bench)")

@@ -48,6 +48,31 @@ def test_plot_draws_a_png(tiny_run, tmp_path, capsys):
         assert len(err) == 1 and f"cannot write {bad}" in err[0] and says in err[0]
 
 
+def test_plot_reports_the_file_it_wrote(tiny_run, tmp_path, capsys):
+    for out, real in ((tmp_path / "noext", tmp_path / "noext.png"), (tmp_path / "c.svg", tmp_path / "c.svg")):
+        assert main(["plot", str(tiny_run), "--out", str(out)]) == 0
+        assert capsys.readouterr().out == f"wrote {real}\n" and real.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.svg", "noext.png"]
+    assert main(["plot", str(tiny_run), "--out", str(tmp_path)]) == 2  # a directory is not a file name
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lm plot: error: --out {tmp_path} is a directory; give a file name such as {tmp_path / 'curves.png'}"]
+
+
+def test_plot_skips_metrics_lines_it_cannot_draw(tiny_run, tmp_path):
+    import shutil
+
+    from lm.plot import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = read_metrics(run)
+    with (run / "metrics.jsonl").open("ab") as f:  # valid JSON all, but no record to draw
+        f.write(b'{"loss": 1}\n5\n[1]\nnull\n{"step": 3, "loss": "x"}\n{"step": true, "loss": 2}\n'
+                b'{"valid_loss": 2, "step": 1}\n\xff\xfe{\n')
+    assert read_metrics(run) == good
+    assert main(["plot", str(run)]) == 0 and (run / "curves.png").is_file()
+
+
 # gloo's TCP set-up on a busy shared host now and then fails on its own (pytorch's own gloo
 # tests are known flaky for it): such a launch is tried once more, anything else fails
 GLOO_TRANSPORT = ("connectFullMesh", "Connection reset by peer", "Connection refused", "Connect timeout")
