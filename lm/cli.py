@@ -36,6 +36,7 @@ def _run_folder(arg: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lm.evaluate import fmt_ppl
     from lm.recipes import recipe
     from lm.train import build_config, default_run_dir, resume_config, train
 
@@ -56,8 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         best = summary["best_valid_ppl"]
         print(f"done: {summary['epochs']} epoch(s), {summary['steps']:,} steps in {summary['minutes']:.1f} min "
-              f"({summary['stopped']}); best valid ppl {best:.2f} -> {summary['checkpoint']}"
-              if best is not None else f"stopped before the first evaluation ({summary['stopped']})")
+              f"({summary['stopped']}); best valid ppl {fmt_ppl(best)} -> {summary['checkpoint']}"
+              if best is not None else f"stopped before the first evaluation ({summary['stopped']})"
+              + (f"; saved {summary['checkpoint']}" if summary["checkpoint"] else ""))
     return 0
 
 
@@ -97,6 +99,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # -- info --------------------------------------------------------------------------------
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from lm.evaluate import fmt_ppl
     from lm.checkpoint import describe
 
     d = describe(args.checkpoint)
@@ -115,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         lr = f", lr now {d['lr']:.3g}" if d["lr"] is not None else ""
         print(f"training: {d['corpus']}, {'epoch ' + str(d['epoch']) + ', ' if d['epoch'] else ''}"
               f"{d['step']:,} steps in {d['minutes']:.1f} min ({d['optimizer']}{lr})")
-    ppl = (f"valid ppl {d['valid_ppl']:.2f}" + (f", train ppl {d['train_ppl']:.2f}" if d["train_ppl"] else "")
+    ppl = (f"valid ppl {fmt_ppl(d['valid_ppl'])}" + (f", train ppl {fmt_ppl(d['train_ppl'])}" if d["train_ppl"] else "")
            if d["valid_ppl"] is not None else "not yet validated")
     run = Path(d["file"]).parent
     print(f"{ppl}; " + (f"lm train --resume {run} continues it" if d["resumable"] else "no loop state to resume from"))
@@ -125,6 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- eval --------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lm.evaluate import fmt_ppl
     from lm.checkpoint import load_model
     from lm.corpus import open_corpus
     from lm.data import token_stream, word_count
@@ -156,8 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        per_word = f"  word ppl {result['word_ppl']:.2f}" if "word_ppl" in result else ""
-        print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}{per_word}  loss {result['loss']:.4f}  "
+        per_word = f"  word ppl {fmt_ppl(result['word_ppl'])}" if "word_ppl" in result else ""
+        print(f"{corpus.name} {args.split}: ppl {fmt_ppl(result['ppl'])}{per_word}  loss {result['loss']:.4f}  "
               f"tokens {result['tokens']:,}  oov {result['oov_rate']:.2%}  "
               f"({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
         _print_eval_methods(result)
@@ -274,18 +278,19 @@ def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, co
 
 
 def _print_eval_methods(r: dict) -> None:
+    from lm.evaluate import fmt_ppl
     if "cache_tuning" in r:
         t = r["cache_tuning"]
-        print(f"cache tuned on valid: theta {t['theta']:g}, lambda {t['lambda']:g} -> valid ppl {t['ppl']:.2f} "
-              f"(plain {t['plain_ppl']:.2f}), {t['seconds']:.1f} s")
+        print(f"cache tuned on valid: theta {t['theta']:g}, lambda {t['lambda']:g} -> valid ppl {fmt_ppl(t['ppl'])} "
+              f"(plain {fmt_ppl(t['plain_ppl'])}), {t['seconds']:.1f} s")
     if "cache" in r:
         c = r["cache"]
-        print(f"+ cache (window {c['window']}, theta {c['theta']:g}, lambda {c['lambda']:g}): ppl {c['ppl']:.2f}, "
-              f"plain {c['plain_ppl']:.2f} at batch size 1 ({c['ppl'] / c['plain_ppl'] - 1:+.1%})  "
+        print(f"+ cache (window {c['window']}, theta {c['theta']:g}, lambda {c['lambda']:g}): ppl {fmt_ppl(c['ppl'])}, "
+              f"plain {fmt_ppl(c['plain_ppl'])} at batch size 1 ({c['ppl'] / c['plain_ppl'] - 1:+.1%})  "
               f"({c['tokens_per_s']:,.0f} tok/s, {c['seconds']:.1f} s)")
     if "dynamic" in r:
         d = r["dynamic"]
-        print(f"+ dynamic {d['method']} (lr {d['lr']:g}, decay {d['decay']:g}, bptt {d['bptt']}): ppl {d['ppl']:.2f} "
+        print(f"+ dynamic {d['method']} (lr {d['lr']:g}, decay {d['decay']:g}, bptt {d['bptt']}): ppl {fmt_ppl(d['ppl'])} "
               f"({d['ppl'] / r['ppl'] - 1:+.1%} against the plain ppl above)  "
               f"({d['tokens_per_s']:,.0f} tok/s, {d['seconds']:.1f} s"
               + (f"; gradient statistics on {d['ms_tokens']:,} training tokens {d['ms_seconds']:.1f} s)"
@@ -340,6 +345,7 @@ def _ngram_source(args: argparse.Namespace):
 
 
 def cmd_ngram_eval(args: argparse.Namespace) -> int:
+    from lm.evaluate import fmt_ppl
     from lm.corpus import open_corpus
     from lm.data import token_stream
     from lm.ngram import KneserNey
@@ -360,7 +366,7 @@ def cmd_ngram_eval(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"{corpus.name} {args.split}: ppl {result['ppl']:.2f}  loss {result['loss']:.4f}  "
+        print(f"{corpus.name} {args.split}: ppl {fmt_ppl(result['ppl'])}  loss {result['loss']:.4f}  "
               f"tokens {result['tokens']:,}  (KN{model.order}, {result['tokens_per_s']:,.0f} tok/s, "
               f"{result['seconds']:.1f} s)")
     return 0

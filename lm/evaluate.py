@@ -28,6 +28,12 @@ def perplexity(total_nll: float, tokens: int) -> float:
     return math.exp(min(total_nll / max(tokens, 1), 700.0))
 
 
+def fmt_ppl(ppl: float) -> str:
+    """A perplexity for people: two decimals, or three digits once it is astronomical
+    (a diverged model's 1e304 is not 305 digits)."""
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3g}"
+
+
 @torch.inference_mode()
 def evaluate(model: LSTMLM, stream: torch.Tensor, *, bos_id: int, batch_size: int = 10,
              bptt: int = 256, progress: bool = False, desc: str = "eval", unk_id: int | None = None,

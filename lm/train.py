@@ -35,7 +35,7 @@ from lm.config import Config, DataConfig, merge
 from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
 from lm.errors import CheckpointError, ConfigError, DataError, LMError
-from lm.evaluate import evaluate, perplexity
+from lm.evaluate import evaluate, fmt_ppl, perplexity
 from lm.model import LSTMLM, TiedGradient, detach
 from lm.regularizers import activation_reg, temporal_activation_reg
 from lm.tokenizer import Tokenizer
@@ -567,8 +567,8 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
                 hidden = None
             commit(record, best=improved)
             if lead:
-                log(f"epoch {epoch}{'' if epoch_done else ' (partial)'}: train ppl {record['train_ppl']:.2f}, "
-                    f"valid ppl {val['ppl']:.2f}{' (best)' if improved else ''}, lr {record['lr']:.3g}"
+                log(f"epoch {epoch}{'' if epoch_done else ' (partial)'}: train ppl {fmt_ppl(record['train_ppl'])}, "
+                    f"valid ppl {fmt_ppl(val['ppl'])}{' (best)' if improved else ''}, lr {record['lr']:.3g}"
                     f"{', averaging' if state['averaging'] else ''}, {state['elapsed'] / 60:.1f} min"
                     + ("; started averaging (NT-ASGD)" if note == "average" else ""))
     if stop == "interrupted" and lead:
@@ -578,7 +578,9 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
     summary = {"run": str(run_dir), "epochs": round(epochs, 2), "steps": state["step"],
                "best_valid_ppl": perplexity(state["best_val_loss"], 1) if math.isfinite(state["best_val_loss"]) else None,
                "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
-               "checkpoint": str(run_dir / "best.pt"), "rollbacks": state["rollbacks"]}
+               "checkpoint": str(run_dir / "best.pt") if math.isfinite(state["best_val_loss"])  # this run's
+               else str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None,  # none validated yet
+               "rollbacks": state["rollbacks"]}
     log_metrics({"summary": summary})
     return summary
 

@@ -200,20 +200,21 @@ def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
                           model={"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]}, examples=True)
     assert r["full_tokens_per_s"] > 0 and r["adaptive_tokens_per_s"] > 0 and r["examples_tokens_per_s"] > 0
     fastest = r.get("adaptive_bf16_tokens_per_s", r["adaptive_tokens_per_s"])
-    assert math.isclose(r["speedup_vs_examples"], fastest / r["examples_tokens_per_s"], rel_tol=0.02)
-    assert math.isclose(r["speedup"], r["adaptive_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02)
+    assert math.isclose(r["speedup_vs_examples"], fastest / r["examples_tokens_per_s"], rel_tol=0.02, abs_tol=0.006)
+    assert math.isclose(r["speedup"], r["adaptive_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02, abs_tol=0.006)
     assert ("speedup_bf16" in r) == native_bf16(torch.device("cpu")) == ("full_bf16_tokens_per_s" in r)
     if "speedup_bf16" in r:  # the head's gain at equal precision, beside its gain over the fp32 full softmax
         assert math.isclose(r["speedup_same_precision"], r["adaptive_bf16_tokens_per_s"] / r["full_bf16_tokens_per_s"],
-                            rel_tol=0.02)
-        assert math.isclose(r["speedup_bf16"], r["adaptive_bf16_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02)
+                            rel_tol=0.02, abs_tol=0.006)
+        assert math.isclose(r["speedup_bf16"], r["adaptive_bf16_tokens_per_s"] / r["full_tokens_per_s"], rel_tol=0.02, abs_tol=0.006)
+    # (the ratios are rounded to 2 decimals: a tiny model's can be 0.2, where that is 2.5%)
     rounds = r["round_tokens_per_s"]  # each variant's rate is the median of its rounds
     assert all(len(v) == 2 for v in rounds.values())
     assert abs(r["full_tokens_per_s"] - statistics.median(rounds["full"])) <= 1
     assert len(r["round_core_gflops"]) == 2 and all(g > 0 for g in r["round_core_gflops"])
     fastest = rounds.get("adaptive_bf16", rounds["adaptive"])  # each round's ratio, from that round's rates
     assert len(r["round_speedups"]) == 2
-    assert all(math.isclose(s, a / f, rel_tol=0.01) for s, a, f in zip(r["round_speedups"], fastest, rounds["full"]))
+    assert all(math.isclose(s, a / f, rel_tol=0.01, abs_tol=0.006) for s, a, f in zip(r["round_speedups"], fastest, rounds["full"]))
 
 
 def test_core_gflops_counts_the_products_it_times(monkeypatch):
