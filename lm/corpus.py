@@ -230,19 +230,35 @@ class DataWarning(UserWarning):
 
 
 def _raw_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a file as bytes, without LF / CRLF endings. A line longer than
-    ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays flat."""
+    """Lines of a file as bytes, without their LF, CRLF or CR endings (``bytes.splitlines``
+    knows only those three: form feeds, U+0085 and U+2028 stay inside a line). A line
+    longer than ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays
+    flat. Each read tops the unfinished line up to ``MAX_LINE_BYTES`` + 1 bytes, so a
+    block with no line end in it is a line to cut."""
+    limit = MAX_LINE_BYTES
     with open_input(path, DataError) as f:
         head = f.read(8192)
         refuse_non_utf8(path, head, DataError)
         f.seek(len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0)  # as Notepad saves UTF-8
-        while raw := f.readline(MAX_LINE_BYTES):
-            if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
-                cut = max(raw.rfind(b" "), raw.rfind(b"\t"))
-                if cut > 0:  # give the partial word back to the next piece
-                    f.seek(cut + 1 - len(raw), os.SEEK_CUR)
-                    raw = raw[:cut]
-            yield raw.rstrip(b"\n").removesuffix(b"\r") if raw.endswith(b"\n") else raw
+        tail = b""  # the unfinished line: at most `limit` bytes, then perhaps a held CR
+        while block := f.read(limit + 1 - len(tail) + tail.endswith(b"\r")):
+            data = tail + block
+            held = data.endswith(b"\r")  # perhaps a CRLF cut by the read: decided next time
+            end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - held))
+            if end >= 0:  # no complete line here is longer than `limit`: see the read size
+                yield from data[: end + 1].splitlines()
+                data = data[end + 1 :]
+            while len(data) - held > limit:  # an unfinished line already too long: cut it
+                cut = max(data.rfind(b" ", 0, limit + 1), data.rfind(b"\t", 0, limit + 1))
+                if cut > 0:  # the whitespace goes; the partial word starts the next piece
+                    yield data[:cut]
+                    data = data[cut + 1 :]
+                else:  # no whitespace at all: cut anywhere
+                    yield data[:limit]
+                    data = data[limit:]
+            tail = data
+        if tail:
+            yield tail.removesuffix(b"\r")
 
 
 def _read_lines(path: Path, strict: bool = False) -> Iterator[str]:

@@ -70,6 +70,37 @@ def test_crlf_line_endings_read_as_lines(tmp_path):
     assert list(open_corpus(str(tmp_path)).lines("train")) == ["a b", "c"]
 
 
+def test_cr_only_line_endings_read_as_lines(tmp_path):
+    """Classic Mac files end lines with a lone CR: six lines, not one (which would leave
+    nothing to hold out)."""
+    f = tmp_path / "cr.txt"
+    f.write_bytes(b"the cat sat\ron the mat\rthe dog ran\raway from it\rand more\rlines here\r")
+    c = open_corpus(str(f), held_out=0.2)
+    assert [*c.lines("train"), *c.lines("valid"), *c.lines("test")] == [
+        "the cat sat", "on the mat", "the dog ran", "away from it", "and more", "lines here"]
+    assert list(c.lines("test")) == ["lines here"]
+
+
+def test_lf_crlf_and_cr_mix_and_no_other_separator_ends_a_line(tmp_path):
+    """CR CR LF is an empty line after the first CR; vertical tab, form feed, the
+    separators \x1c-\x1e, NEL (U+0085) and U+2028/U+2029 stay inside their line."""
+    f = tmp_path / "mix.txt"
+    inside = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"
+    f.write_bytes(f"one\ntwo\r\nthree\rfour\r\r\n{inside}\n\rlast\r".encode())
+    assert list(corpus_module._read_lines(f)) == ["one", "two", "three", "four", "", inside, "", "last"]
+
+
+@pytest.mark.parametrize("limit", [4, 5, 8])
+def test_line_ends_split_across_reads_are_found(tmp_path, monkeypatch, limit):
+    """Reads come in blocks of about MAX_LINE_BYTES: with tiny blocks every CRLF, CR CR
+    and CR LF lands on a block boundary somewhere, and each must still end one line."""
+    monkeypatch.setattr(corpus_module, "MAX_LINE_BYTES", limit)
+    ends = [b"\n", b"\r\n", b"\r"]
+    text = b"".join(b"ab"[: i % 3] + ends[i % 3] + b"xyz"[: i % 4] + ends[(i * 7) % 3] for i in range(60))
+    (tmp_path / "f.txt").write_bytes(text)
+    assert list(corpus_module._raw_lines(tmp_path / "f.txt")) == text.splitlines()
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "not found"),
     (lambda p: p.mkdir(), "no .txt files"),
