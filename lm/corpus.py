@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import sys
 import tomllib
@@ -68,9 +69,34 @@ class Corpus:
     where: str  # human-readable origin, for messages and `corpus info`
     expected: dict = field(default_factory=dict)  # registry's standard counts, if any
     strict: bool = False  # refuse invalid UTF-8 instead of replacing it
+    found: dict = field(default_factory=dict)  # split -> what its last full read repaired
 
     def lines(self, split: str) -> Iterator[str]:
         raise NotImplementedError
+
+    def replay(self, split: str, found: list[dict]) -> None:
+        """Say again what a read of ``split`` repaired (``found``: ``self.found[split]``
+        after that read), or refuse it if ``strict``: a cache that skips the read must
+        leave the user told, and refused, exactly as the read would have."""
+        files = self._files(split)
+        for f in found:
+            i = f.get("file", 0)
+            _report(files[i] if 0 <= i < len(files) else Path(self.where), f, self.strict)
+
+    def _files(self, split: str) -> list[Path]:
+        return []
+
+    def _read(self, split: str, parts: list[tuple[int, Path, int, int | None]]) -> Iterator[str]:
+        """The lines of ``parts`` (file index, path, first line, end line or None), then,
+        once all are read, what the read repaired in ``self.found[split]``."""
+        self.found.pop(split, None)
+        found = []
+        for i, path, start, stop in parts:
+            rec: dict = {}
+            yield from _read_lines(path, self.strict, rec, start, stop)
+            if rec:
+                found.append({"file": i, **rec})
+        self.found[split] = found
 
     def fingerprint(self, split: str) -> str:
         """Content hash of a split, for caches keyed on content rather than paths."""
@@ -85,7 +111,10 @@ class SplitFiles(Corpus):
         self.files = files
 
     def lines(self, split: str) -> Iterator[str]:
-        yield from _read_lines(self.files[split], self.strict)
+        return self._read(split, [(0, self.files[split], 0, None)])
+
+    def _files(self, split: str) -> list[Path]:
+        return [self.files[split]]
 
     def fingerprint(self, split: str) -> str:
         return _hash_files([self.files[split]])
@@ -99,7 +128,8 @@ class HeldOutFiles(Corpus):
     def __init__(self, name: str, files: list[Path], where: str, held_out: float = HELD_OUT):
         super().__init__(name, where)
         self.files = files
-        n = sum(_count_lines(f) for f in files)
+        self.counts = [_count_lines(f) for f in files]
+        n = sum(self.counts)
         if n < 3:
             raise DataError(f"{where} has {n} line(s): a corpus with no valid/test files needs "
                             "at least 3 lines to hold some out (or give a directory with "
@@ -109,14 +139,15 @@ class HeldOutFiles(Corpus):
 
     def lines(self, split: str) -> Iterator[str]:
         lo, hi = self.bounds[split]
-        i = 0
-        for f in self.files:
-            for line in _read_lines(f, self.strict):
-                if i >= hi:
-                    return
-                if i >= lo:
-                    yield line
-                i += 1
+        parts, first = [], 0  # first: the stream's line number of each file's first line
+        for i, (f, n) in enumerate(zip(self.files, self.counts)):
+            if first < hi and first + n > lo:
+                parts.append((i, f, max(lo - first, 0), min(hi - first, n)))
+            first += n
+        return self._read(split, parts)
+
+    def _files(self, split: str) -> list[Path]:
+        return self.files
 
     def fingerprint(self, split: str) -> str:
         return _hash_files(self.files) + f"-{self.bounds[split][0]}-{self.bounds[split][1]}"
@@ -135,6 +166,7 @@ class HubCorpus(Corpus):
             import datasets  # imported here: training from local files never needs it
         except ImportError:
             raise DataError("reading from the Hugging Face hub needs `pip install datasets`") from None
+        self.found.pop(split, None)
         column = self.hub.get("text_column", "text")
         # Said first: with no network the hub client retries for about 25 s before failing.
         print(f"lm: reading {self.name} ({split}) from the Hugging Face hub, {self.where}; "
@@ -146,6 +178,7 @@ class HubCorpus(Corpus):
             for row in ds:
                 text = row[column]
                 yield from (text[:-1] if text.endswith("\n") else text).split("\n")
+            self.found[split] = []  # text from the hub is already decoded: nothing repaired
         except DataError:
             raise
         except Exception as e:  # network, auth, missing dataset: all end the same way
@@ -229,30 +262,37 @@ class DataWarning(UserWarning):
     """Something in the data was repaired (bad bytes replaced, long lines cut)."""
 
 
-def _raw_lines(path: Path) -> Iterator[bytes]:
+def _raw_lines(path: Path, cut: list[int] | None = None) -> Iterator[bytes]:
     """Lines of a file as bytes, without their LF, CRLF or CR endings (``bytes.splitlines``
     knows only those three: form feeds, U+0085 and U+2028 stay inside a line). A line
     longer than ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays
-    flat. Each read tops the unfinished line up to ``MAX_LINE_BYTES`` + 1 bytes, so a
-    block with no line end in it is a line to cut."""
+    flat; the index of the first piece of each such line goes into ``cut``. Each read tops
+    the unfinished line up to ``MAX_LINE_BYTES`` + 1 bytes, so a block with no line end in
+    it is a line to cut."""
     limit = MAX_LINE_BYTES
     with open_input(path, DataError) as f:
         head = f.read(8192)
         refuse_non_utf8(path, head, DataError)
         f.seek(len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0)  # as Notepad saves UTF-8
         tail = b""  # the unfinished line: at most `limit` bytes, then perhaps a held CR
+        n, cutting = 0, False  # pieces so far; whether the unfinished line was cut already
         while block := f.read(limit + 1 - len(tail) + tail.endswith(b"\r")):
             data = tail + block
             held = data.endswith(b"\r")  # perhaps a CRLF cut by the read: decided next time
             end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - held))
             if end >= 0:  # no complete line here is longer than `limit`: see the read size
-                yield from data[: end + 1].splitlines()
+                lines = data[: end + 1].splitlines()
+                n, cutting = n + len(lines), False
+                yield from lines
                 data = data[end + 1 :]
             while len(data) - held > limit:  # an unfinished line already too long: cut it
-                cut = max(data.rfind(b" ", 0, limit + 1), data.rfind(b"\t", 0, limit + 1))
-                if cut > 0:  # the whitespace goes; the partial word starts the next piece
-                    yield data[:cut]
-                    data = data[cut + 1 :]
+                if not cutting and cut is not None:
+                    cut.append(n)
+                n, cutting = n + 1, True
+                at = max(data.rfind(b" ", 0, limit + 1), data.rfind(b"\t", 0, limit + 1))
+                if at > 0:  # the whitespace goes; the partial word starts the next piece
+                    yield data[:at]
+                    data = data[at + 1 :]
                 else:  # no whitespace at all: cut anywhere
                     yield data[:limit]
                     data = data[limit:]
@@ -261,28 +301,51 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
             yield tail.removesuffix(b"\r")
 
 
-def _read_lines(path: Path, strict: bool = False) -> Iterator[str]:
-    """Lines of a UTF-8 text file. Invalid bytes become U+FFFD with one warning per file
-    saying how many and where, or, with ``strict``, stop the read with the location."""
-    bad = first_bad = long_lines = 0
-    for lineno, raw in enumerate(_raw_lines(path), 1):
-        long_lines += len(raw) >= MAX_LINE_BYTES - 1
+def _read_lines(path: Path, strict: bool = False, found: dict | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[str]:
+    """Lines ``start`` to ``stop`` (0-based, ``stop`` excluded; all by default) of a UTF-8
+    text file; the lines before ``start`` are not decoded. Invalid bytes become U+FFFD with
+    one warning saying how many and where, or, with ``strict``, stop the read with the
+    location. What the read repaired also goes into ``found`` (see ``_report``), so that
+    a cache of what was read can say it again."""
+    bad = first_bad = first_byte = 0
+    cut: list[int] = []
+    for lineno, raw in itertools.islice(enumerate(_raw_lines(path, cut), 1), start, stop):
         try:
-            yield raw.decode("utf-8")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if strict:
-                raise DataError(f"{path} is not valid UTF-8: line {lineno}, byte {e.start} of the line "
-                                "(drop --strict to replace bad bytes, or convert the file, "
-                                "e.g. iconv -f latin1 -t utf-8)") from None
+                raise DataError(_not_utf8(path, lineno, e.start)) from None
+            line = raw.decode("utf-8", "replace")
             bad += len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
-            first_bad = first_bad or lineno
-            yield raw.decode("utf-8", "replace")
-    if bad:
-        warnings.warn(f"{path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
-                      f"{first_bad}; pass --strict to refuse such files", DataWarning, stacklevel=2)
-    if long_lines:
-        warnings.warn(f"{path}: {long_lines} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
-                      "at whitespace (each piece ends in <eos>)", DataWarning, stacklevel=2)
+            if not first_bad:
+                first_bad, first_byte = lineno, e.start
+        yield line
+    long_lines = sum(1 for i in cut if i >= start and (stop is None or i < stop))
+    rec = {"bad": bad, "line": first_bad, "byte": first_byte, "long": long_lines} if bad or long_lines else {}
+    if found is not None:
+        found.update(rec)
+    _report(path, rec, strict)
+
+
+def _report(path: Path, found: dict, strict: bool) -> None:
+    """Warn about what reading ``path`` repaired (``found``: ``bad`` invalid UTF-8 bytes
+    replaced, the first on line ``line`` at byte ``byte``; ``long`` lines cut), or refuse
+    it as ``strict`` asks. A read and a cache hit both end here, so both say the same;
+    the warnings come from one place, so a message repeated in one process shows once."""
+    if found.get("bad"):
+        if strict:
+            raise DataError(_not_utf8(path, found.get("line", 0), found.get("byte", 0)))
+        warnings.warn(f"{path}: {found['bad']} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
+                      f"{found.get('line', 0)}; pass --strict to refuse such files", DataWarning)
+    if found.get("long"):
+        warnings.warn(f"{path}: {found['long']} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
+                      "at whitespace (each piece ends in <eos>)", DataWarning)
+
+
+def _not_utf8(path: Path, line: int, byte: int) -> str:
+    return (f"{path} is not valid UTF-8: line {line}, byte {byte} of the line (drop --strict to "
+            "replace bad bytes, or convert the file, e.g. iconv -f latin1 -t utf-8)")
 
 
 def _count_lines(path: Path) -> int:

@@ -8,6 +8,12 @@ raw text builds a new entry, and a cache is never trusted
 because of a path. The tokenizer itself is cached the same way, keyed by the training
 split and the tokenizer config. Building streams the corpus in chunks: memory stays flat
 whatever its size.
+
+Beside each entry, ``<entry>.json`` records what reading the text repaired (invalid
+UTF-8 bytes replaced, long lines cut; ``Corpus.found``). A hit replays it, so every run
+on repaired text warns, and ``--strict`` refuses the text whether or not it is cached
+(the key leaves ``strict`` out: one entry serves both). An entry without its record is
+rebuilt.
 """
 from __future__ import annotations
 
@@ -50,14 +56,18 @@ def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) 
     """The tokenizer for ``corpus``, trained on its train split only (cached)."""
     key = _key(corpus.fingerprint("train"), json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     path = cache_dir() / f"{_safe(corpus.name)}.tokenizer.{key}.model"
-    if cache and path.is_file():
+    if cache and path.is_file() and (found := _load_found(path)) is not None:
         try:
-            return Tokenizer(path.read_bytes(), cfg.kind, cfg.text, cfg.lowercase)
+            tokenizer = Tokenizer(path.read_bytes(), cfg.kind, cfg.text, cfg.lowercase)
         except Exception:  # a damaged cache entry is rebuilt, never fatal
             path.unlink(missing_ok=True)
+        else:
+            corpus.replay("train", found)
+            return tokenizer
     tokenizer = Tokenizer.train(corpus.lines("train"), cfg)
     if cache:
         _write_atomic(path, tokenizer.model_bytes)
+        _save_found(path, corpus, "train")
     return tokenizer
 
 
@@ -79,8 +89,11 @@ def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool
         return np.concatenate([np.asarray(c, dtype) for c in _chunks(corpus, split, tokenizer)] or [np.zeros(0, dtype)])
     key = _key(corpus.fingerprint(split), tokenizer.fingerprint)
     path = cache_dir() / f"{_safe(corpus.name)}.{split}.{key}.bin"
-    if not path.is_file() or path.stat().st_size % dtype.itemsize:
+    found = _load_found(path)
+    if found is None or not path.is_file() or path.stat().st_size % dtype.itemsize:
         build(corpus, split, tokenizer, path, dtype, progress=progress)
+    else:
+        corpus.replay(split, found)
     if path.stat().st_size == 0:
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r")
@@ -101,6 +114,7 @@ def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: n
                 bar.update(len(chunk))
 
     atomic_write(path, write, error=DataError, hint="set LM_CACHE to a writable directory")
+    _save_found(path, corpus, split)
     return n
 
 
@@ -119,6 +133,24 @@ def _chunks(corpus: Corpus, split: str, tokenizer: Tokenizer):
             buf = []
     if buf:
         yield buf
+
+
+def _save_found(entry: Path, corpus: Corpus, split: str) -> None:
+    """Record beside a cache entry what the read that built it repaired (after the
+    entry: an entry without a record is rebuilt)."""
+    if split in corpus.found:  # the read got to the end
+        _write_atomic(entry.with_suffix(".json"), json.dumps(corpus.found[split]).encode())
+
+
+def _load_found(entry: Path) -> list[dict] | None:
+    """The record ``_save_found`` wrote, or None (none yet, or damaged)."""
+    try:
+        found = json.loads(entry.with_suffix(".json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(found, list) and all(
+        isinstance(f, dict) and all(isinstance(v, int) for v in f.values()) for f in found)
+    return found if ok else None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import sentencepiece as spm
 
 from lm.config import TokenizerConfig
-from lm.errors import DataError
+from lm.errors import DataError, LMError
 from lm.text import detokenize, pretokenize
 
 UNK, EOS = "<unk>", "<eos>"
@@ -106,10 +106,18 @@ class Tokenizer:
         first = next(kept, None)
         if first is None:
             raise DataError("the training split has no words: nothing to build a vocabulary from")
-        model = io.BytesIO()
+        model, raised = io.BytesIO(), []
+
+        def sentences() -> Iterator[str]:  # SentencePiece turns an error here into its own
+            try:
+                yield from itertools.chain([first], kept)
+            except LMError as e:  # e.g. --strict meeting invalid UTF-8
+                raised.append(e)
+                raise
+
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=itertools.chain([first], kept), model_writer=model, model_type=cfg.kind,
+                sentence_iterator=sentences(), model_writer=model, model_type=cfg.kind,
                 vocab_size=cfg.vocab_size or DEFAULT_SUBWORD_VOCAB, hard_vocab_limit=False,
                 byte_fallback=True, normalization_rule_name="identity", character_coverage=0.9995,
                 input_sentence_size=SUBWORD_SAMPLE, shuffle_input_sentence=True, max_sentence_length=1 << 16,
@@ -117,6 +125,8 @@ class Tokenizer:
                 num_threads=2, minloglevel=2,
             )
         except RuntimeError as e:
+            if raised:
+                raise raised[0] from None
             raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
         return cls(model.getvalue(), cfg.kind, cfg.text, cfg.lowercase)
 

@@ -1,10 +1,14 @@
 """The on-disk token cache: built once, reused, rebuilt when content or tokenizer change."""
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from lm import data
 from lm.config import TokenizerConfig
-from lm.corpus import open_corpus
+from lm.corpus import DataWarning, open_corpus
+from lm.errors import DataError
 
 from conftest import write_corpus
 
@@ -73,3 +77,53 @@ def test_a_new_version_of_the_raw_text_rules_builds_a_new_entry(tmp_path, monkey
     tok2 = data.load_tokenizer(c, TokenizerConfig())
     data.token_stream(c, "valid", tok2)
     assert len(_entries()) == n + 1 and len(_entries("model")) == models + 1
+
+
+def _latin1_corpus(d):
+    write_corpus(d)
+    with open(d / "train.txt", "ab") as f:
+        f.write(b"the caf\xe9 sat .\n")  # latin-1, as old Windows editors save it
+    return d
+
+
+def test_a_cache_hit_repeats_the_repair_warning_and_strict_still_refuses(tmp_path, monkeypatch):
+    """The cache key leaves --strict out and a hit never reads the text, so the entry's
+    record of what the read repaired is what warns again, or refuses."""
+    d = _latin1_corpus(tmp_path / "c6")
+    c = open_corpus(str(d))
+    message = r"train\.txt: 1 invalid UTF-8 byte\(s\) replaced by U\+FFFD, first on line 402"
+    with pytest.warns(DataWarning, match=message):
+        tok = data.load_tokenizer(c, TokenizerConfig())
+        first = data.token_stream(c, "train", tok)
+    valid = data.token_stream(c, "valid", tok)  # clean: no warning
+    entries = set(_entries()) | set(_entries("model"))
+    monkeypatch.setattr(c, "lines", lambda split: pytest.fail("a cache hit read the text"))
+    with pytest.warns(DataWarning, match=message):  # the tokenizer's hit says it
+        tok = data.load_tokenizer(c, TokenizerConfig())
+    with pytest.warns(DataWarning, match=message):  # and the stream's
+        assert torch.equal(data.token_stream(c, "train", tok), first)
+    assert set(_entries()) | set(_entries("model")) == entries  # hits, not rebuilds
+    strict = open_corpus(str(d), strict=True)
+    monkeypatch.setattr(strict, "lines", lambda split: pytest.fail("a cache hit read the text"))
+    refusal = r"train\.txt is not valid UTF-8: line 402, byte 7 of the line \(drop --strict"
+    with pytest.raises(DataError, match=refusal):
+        data.load_tokenizer(strict, TokenizerConfig())
+    with pytest.raises(DataError, match=refusal):
+        data.token_stream(strict, "train", tok)
+    assert torch.equal(data.token_stream(strict, "valid", tok), valid)  # a clean split is no reason to refuse
+
+
+def test_an_entry_without_its_record_is_rebuilt(tmp_path):
+    """Entries written before records existed (or whose record is damaged) cannot say
+    what the read repaired: they are built again, record and all."""
+    d = _latin1_corpus(tmp_path / "c7")
+    c = open_corpus(str(d))
+    with pytest.warns(DataWarning):
+        tok = data.load_tokenizer(c, TokenizerConfig())
+        data.token_stream(c, "train", tok)
+    entry = [p for p in _entries() if p.name.startswith("c7.train.")][0]
+    entry.with_suffix(".json").write_text('{"not": "a record"}')
+    with pytest.warns(DataWarning, match="first on line 402"):
+        data.token_stream(c, "train", tok)
+    assert json.loads(entry.with_suffix(".json").read_text()) == [
+        {"file": 0, "bad": 1, "line": 402, "byte": 7, "long": 0}]

@@ -6,6 +6,7 @@ import pytest
 
 from lm import corpus as corpus_module
 from lm.corpus import HELD_OUT, DataWarning, open_corpus
+from lm.config import TokenizerConfig
 from lm.data import corpus_stats, token_stream
 from lm.errors import DataError
 from lm.tokenizer import Tokenizer
@@ -130,6 +131,34 @@ def test_invalid_utf8_is_replaced_and_reported_or_refused_with_strict(tmp_path):
         list(open_corpus(str(tmp_path), strict=True).lines("valid"))
 
 
+def test_each_held_out_split_reports_the_bad_bytes_in_its_own_lines(tmp_path):
+    """One file, three splits: a split's read warns about its own lines (line numbers
+    in the file), however early it stops; lines of other splits are not even decoded."""
+    f = tmp_path / "mine.txt"
+    f.write_bytes(b"caf\xe9 one\n" + b"fine\n" * 16 + b"\xff\xfe two\n" + b"fine\n" * 2)  # 20 lines
+    c = open_corpus(str(f), held_out=0.1)  # train 16, valid 2, test 2
+    with pytest.warns(DataWarning, match=r"mine.txt: 1 invalid UTF-8 byte\(s\) replaced .* first on line 1;"):
+        assert len(list(c.lines("train"))) == 16
+    with pytest.warns(DataWarning, match=r"mine.txt: 2 invalid UTF-8 byte\(s\) replaced .* first on line 18;"):
+        assert list(c.lines("valid")) == ["fine", "\ufffd\ufffd two"]
+    assert c.found == {"train": [{"file": 0, "bad": 1, "line": 1, "byte": 3, "long": 0}],
+                       "valid": [{"file": 0, "bad": 2, "line": 18, "byte": 0, "long": 0}]}
+    strict = open_corpus(str(f), held_out=0.1, strict=True)
+    assert list(strict.lines("test")) == ["fine", "fine"]  # its lines are valid
+    with pytest.raises(DataError, match="not valid UTF-8: line 18, byte 0"):
+        list(strict.lines("valid"))
+
+
+def test_strict_refusal_while_training_subwords_is_the_one_line_error(tmp_path):
+    """SentencePiece reads the lines itself and would wrap the refusal in its own
+    INTERNAL error."""
+    _three_splits(tmp_path, "".join(f"the cat {i} sat on the mat .\n" for i in range(50)).encode() + b"caf\xe9\n")
+    strict = open_corpus(str(tmp_path), strict=True)
+    with pytest.raises(DataError) as e:
+        Tokenizer.train(strict.lines("train"), TokenizerConfig(kind="bpe", vocab_size=320))
+    assert str(e.value).startswith(f"{tmp_path / 'train.txt'} is not valid UTF-8: line 51, byte 3")
+
+
 def test_binary_file_is_refused(tmp_path):
     _three_splits(tmp_path)
     (tmp_path / "train.txt").write_bytes(bytes(range(256)) * 10)
@@ -153,7 +182,7 @@ def test_huge_line_without_newline_is_read_in_pieces_cut_at_whitespace(tmp_path,
     monkeypatch.setattr(corpus_module, "MAX_LINE_BYTES", 64)
     words = [f"w{i}" for i in range(300)]
     (tmp_path / "big.txt").write_text(" ".join(words))  # one line, no newline at all
-    with pytest.warns(DataWarning, match="line\\(s\\) longer than 64 bytes were cut"):
+    with pytest.warns(DataWarning, match="big.txt: 1 line\\(s\\) longer than 64 bytes were cut"):
         pieces = list(corpus_module._read_lines(tmp_path / "big.txt"))
     assert len(pieces) > 10 and all(len(p.encode()) <= 64 for p in pieces)
     assert " ".join(pieces).split() == words  # no word was split or lost
