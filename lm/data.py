@@ -118,10 +118,14 @@ def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: n
     return n
 
 
-def word_count(corpus: Corpus, split: str) -> int:
-    """Words plus one <eos> per line: the word-level token count of a split, the
-    denominator that makes a subword model's perplexity comparable with word models'."""
-    return sum(len(line.split()) + 1 for line in corpus.lines(split))
+def word_count(corpus: Corpus, split: str, tokenizer: Tokenizer | None = None) -> int:
+    """Words plus one <eos> per line: the tokens a word-level model scores on a split,
+    the denominator that makes a subword model's perplexity comparable with word models'.
+    Words are counted in the text as ``tokenizer`` reads it: raw prose split the WikiText
+    way first ("it's a mat." is five words: it 's a mat .), as a word-level model on raw
+    text sees it. Without a tokenizer the text counts as already split."""
+    lines = corpus.lines(split) if tokenizer is None else tokenizer.prepare(corpus.lines(split))
+    return sum(len(line.split()) + 1 for line in lines)
 
 
 def _chunks(corpus: Corpus, split: str, tokenizer: Tokenizer):

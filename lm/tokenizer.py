@@ -143,11 +143,16 @@ class Tokenizer:
         """Ids of one line, without the trailing <eos>."""
         return next(self.encode_lines([line]))[:-1]
 
+    def prepare(self, lines: Iterable[str]) -> Iterable[str]:
+        """Corpus lines as this tokenizer reads them: split WikiText-style when the text is
+        raw, case-folded with ``lowercase``; their whitespace-separated words are what a
+        word-level model with the same convention scores."""
+        prepare = _preparer(self.text, self.lowercase)
+        return map(prepare, lines) if prepare else lines
+
     def encode_lines(self, lines: Iterable[str]) -> Iterator[list[int]]:
         """Ids of each line followed by <eos>: the standard stream, one list per line."""
-        prepare = _preparer(self.text, self.lowercase)
-        if prepare:
-            lines = map(prepare, lines)
+        lines = self.prepare(lines)
         if self.subword:
             yield from self._encode_subword(lines)
             return

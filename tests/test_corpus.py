@@ -1,4 +1,5 @@
 import json
+import random
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 from lm import corpus as corpus_module
 from lm.corpus import HELD_OUT, DataWarning, open_corpus
 from lm.config import TokenizerConfig
-from lm.data import corpus_stats, token_stream
+from lm.data import corpus_stats, token_stream, word_count
 from lm.errors import DataError
 from lm.tokenizer import Tokenizer
 from lm.train import build_config
@@ -198,6 +199,24 @@ def test_empty_splits_are_clear_errors(tmp_path):
     (tmp_path / "train.txt").write_text("\n\n")
     with pytest.raises(DataError, match="no words"):
         Tokenizer.train(c.lines("train"))
+
+
+def test_word_count_of_raw_text_is_what_a_word_level_model_scores(tmp_path):
+    """word_ppl divides a subword model's log-likelihood by word_count: on raw prose
+    that must be a word-level model's token count on the same text (WikiText-split
+    words, one <eos> per line), lowercased or not, or the two are not comparable."""
+    rng = random.Random(0)
+    vocab = "Blue a red the ran house mat, it's Don't go! (see) 3.5 well-known U.S. mat. The".split()
+    _three_splits(tmp_path, "".join(" ".join(rng.choices(vocab, k=12)) + "\n" for _ in range(200)).encode())
+    c = open_corpus(str(tmp_path))
+    whitespace_words = sum(len(line.split()) + 1 for line in c.lines("valid"))
+    for lowercase in (False, True):
+        word = Tokenizer.train(c.lines("train"), TokenizerConfig(lowercase=lowercase))
+        bpe = Tokenizer.train(c.lines("train"), TokenizerConfig(kind="bpe", vocab_size=320, lowercase=lowercase))
+        assert word.text == bpe.text == "raw"
+        n = word_count(c, "valid", bpe)
+        assert n == token_stream(c, "valid", word, cache=False).numel() > whitespace_words
+    assert word_count(c, "valid") == whitespace_words  # no tokenizer: text taken as already split
 
 
 def test_registered_corpus_without_mirror_falls_back_to_the_hub(monkeypatch, tmp_path):
