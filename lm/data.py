@@ -63,6 +63,7 @@ def load_tokenizer(corpus: Corpus, cfg: TokenizerConfig, *, cache: bool = True) 
             path.unlink(missing_ok=True)
         else:
             corpus.replay("train", found)
+            tokenizer.note_if_cut(cfg)  # as training it did
             return tokenizer
     tokenizer = Tokenizer.train(corpus.lines("train"), cfg)
     if cache:

@@ -18,6 +18,8 @@ import collections
 import hashlib
 import io
 import itertools
+import re
+import sys
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
@@ -106,7 +108,7 @@ class Tokenizer:
         first = next(kept, None)
         if first is None:
             raise DataError("the training split has no words: nothing to build a vocabulary from")
-        model, raised = io.BytesIO(), []
+        model, raised, asked = io.BytesIO(), [], cfg.vocab_size or DEFAULT_SUBWORD_VOCAB
 
         def sentences() -> Iterator[str]:  # SentencePiece turns an error here into its own
             try:
@@ -118,7 +120,7 @@ class Tokenizer:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=sentences(), model_writer=model, model_type=cfg.kind,
-                vocab_size=cfg.vocab_size or DEFAULT_SUBWORD_VOCAB, hard_vocab_limit=False,
+                vocab_size=asked, hard_vocab_limit=False,
                 byte_fallback=True, normalization_rule_name="identity", character_coverage=0.9995,
                 input_sentence_size=SUBWORD_SAMPLE, shuffle_input_sentence=True, max_sentence_length=1 << 16,
                 unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, unk_piece=UNK, eos_piece=EOS, unk_surface=UNK,
@@ -127,8 +129,26 @@ class Tokenizer:
         except RuntimeError as e:
             if raised:
                 raise raised[0] from None
+            # Every character of the text's 99.95% coverage needs a piece of its own (the
+            # rest go to byte pieces); SentencePiece names the total, which lm can act on.
+            need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if need:
+                raise DataError(f"{'--vocab-size' if cfg.vocab_size else 'the default --vocab-size'} {asked} "
+                                f"is too small for this text: a {cfg.kind} vocabulary of it needs at least "
+                                f"{need[1]} pieces (256 byte pieces, <unk>, <eos> and one per character "
+                                f"but the rarest); pass --vocab-size {need[1]} or more") from None
             raise DataError(f"SentencePiece could not build a vocabulary: {str(e).splitlines()[0]}") from None
-        return cls(model.getvalue(), cfg.kind, cfg.text, cfg.lowercase)
+        tokenizer = cls(model.getvalue(), cfg.kind, cfg.text, cfg.lowercase)
+        tokenizer.note_if_cut(cfg)
+        return tokenizer
+
+    def note_if_cut(self, cfg: TokenizerConfig) -> None:
+        """One line on stderr when a subword vocabulary is smaller than the --vocab-size
+        asked for: SentencePiece stops where the text offers no more pieces, and the
+        user should not have to find that out from the model's size."""
+        if self.subword and 0 < self.vocab_size < cfg.vocab_size:
+            print(f"lm: this text supports only {self.vocab_size:,} {self.kind} pieces: the vocabulary "
+                  f"has {self.vocab_size:,}, not the --vocab-size {cfg.vocab_size:,} asked for", file=sys.stderr)
 
     # -- encoding --------------------------------------------------------------------
     @property

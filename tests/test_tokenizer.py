@@ -1,8 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from lm.config import TokenizerConfig
+from lm.errors import DataError
 from lm.tokenizer import EOS, UNK, Tokenizer
 
 LINES = ["the cat sat on the mat", "", "the dog sat <unk> the log", "the the cat"]
@@ -120,3 +123,42 @@ def test_typed_prose_on_the_wikitext2_vocabulary_stays_in_vocabulary(mirror):
     assert words == ["However", ",", "world", ".", "It", "'s", "3", "@.@", "5", "km", "away", ",", "well",
                      "@-@", "known", "(", "1", "@,@", "000", "m", ")", "!"]
     assert tok.unk_id not in tok.encode_typed("However, world. It's 3.5 km away, well-known (1,000 m)!")
+
+
+def test_a_subword_vocab_size_below_what_the_text_needs_says_the_size_it_needs():
+    """Each character of the text (but the rarest) needs a piece besides the 256 bytes:
+    ordinary English needs more than the 320 validation allows. The error names the
+    size SentencePiece needs, and that size works while one less does not."""
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789éèàçôü.,;:!?'\"()-"
+    lines = [" ".join(chars[(i + j) % len(chars)] * 3 for j in range(12)) for i in range(400)]
+    with pytest.raises(DataError) as e:
+        Tokenizer.train(lines, TokenizerConfig(kind="bpe", vocab_size=320))
+    m = re.fullmatch(r"--vocab-size 320 is too small for this text: a bpe vocabulary of it needs at least (\d+) "
+                     r"pieces \(256 byte pieces, <unk>, <eos> and one per character but the rarest\); "
+                     r"pass --vocab-size (\d+) or more", str(e.value))
+    assert m and m[1] == m[2] and "character_coverage" not in str(e.value)
+    need = int(m[1])
+    assert need > 258 + len(chars)  # every character here is common (and so is the word mark)
+    assert Tokenizer.train(lines, TokenizerConfig(kind="unigram", vocab_size=need)).vocab_size == need
+    with pytest.raises(DataError, match=f"needs at least {need} pieces"):
+        Tokenizer.train(lines, TokenizerConfig(kind="unigram", vocab_size=need - 1))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_a_subword_vocabulary_cut_short_by_the_text_says_so_on_each_run(kind, tmp_path, capsys):
+    from lm import data
+    from lm.corpus import open_corpus
+
+    from conftest import write_corpus
+
+    c = open_corpus(str(write_corpus(tmp_path / kind)))
+    cfg = TokenizerConfig(kind=kind, vocab_size=100_000)
+    for _ in range(2):  # trained, then from the cache: the note both times
+        tok = data.load_tokenizer(c, cfg)
+        assert 0 < tok.vocab_size < 100_000
+        assert capsys.readouterr().err == (f"lm: this text supports only {tok.vocab_size:,} {kind} pieces: the "
+                                           f"vocabulary has {tok.vocab_size:,}, not the --vocab-size 100,000 asked for\n")
+    if tok.vocab_size >= 320:  # (unigram on this tiny text stops below the smallest size allowed)
+        Tokenizer.train(c.lines("train"), TokenizerConfig(kind=kind, vocab_size=tok.vocab_size))  # supported
+    Tokenizer.train(c.lines("train"), TokenizerConfig(kind=kind))  # the default: not a size anyone asked for
+    assert capsys.readouterr().err == ""
