@@ -63,6 +63,13 @@ DEFAULT_ORDER = 5
 MAX_ORDER = 9  # a sanity bound: longer n-grams are nearly all seen once
 
 
+def check_order(order: int) -> None:
+    """Refuse an order outside 1..MAX_ORDER. Callers check before they read the corpus:
+    tokenizing a large one takes minutes, and the order alone decides this."""
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
+        raise ConfigError(f"--order must be between 1 and {MAX_ORDER}, got {order}")
+
+
 class KneserNey:
     """An interpolated modified Kneser-Ney model over a fixed vocabulary of V ids.
 
@@ -108,8 +115,7 @@ class KneserNey:
               tokenizer: Tokenizer | None = None, meta: dict | None = None, progress: bool = False) -> "KneserNey":
         """Count every n-gram of ``stream`` (ids, (N,)) up to ``order``, the first token
         predicted from a ``bos_id`` context."""
-        if not 1 <= order <= MAX_ORDER:
-            raise ConfigError(f"--order must be between 1 and {MAX_ORDER}, got {order}")
+        check_order(order)
         ids = torch.as_tensor(stream).numpy() if isinstance(stream, torch.Tensor) else np.asarray(stream)
         s = np.concatenate([[bos_id], ids]).astype(np.int64)  # (N + 1,): position 0 is the context only
         n, V = s.size, vocab_size

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lm.cli import main
-from lm.errors import CheckpointError
-from lm.ngram import KneserNey, discounts
+from lm.errors import CheckpointError, ConfigError
+from lm.ngram import KneserNey, check_order, discounts
 
 from test_cli import assert_one_line_error, run_lm
 
@@ -204,3 +204,15 @@ def test_eval_finds_the_one_ngram_model_in_a_run_directory(tiny_ngram, tmp_path,
     (run / "kn5.npz").write_bytes(tiny_ngram.read_bytes())
     assert main(["ngram", "eval", str(run)]) == 1
     assert "holds 2 n-gram models (kn3.npz, kn5.npz): pass one of them" in capsys.readouterr().err
+
+
+def test_order_is_checked_on_its_own_before_any_data():
+    """`lm ngram train` can check --order before tokenizing a corpus (minutes on a large
+    one); KneserNey.train refuses a bad order before it looks at the stream."""
+    for order in range(1, 10):
+        check_order(order)
+    for bad in (0, 10, -1, 2.5, True, "5"):
+        with pytest.raises(ConfigError, match=rf"--order must be between 1 and 9, got {bad}$"):
+            check_order(bad)
+    with pytest.raises(ConfigError, match="--order must be between 1 and 9, got 10"):
+        KneserNey.train(None, 0, 0, order=10)  # no stream at all: the order alone decides
