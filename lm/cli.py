@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result |= {"split": args.split, "corpus": corpus.name, "checkpoint": str(args.checkpoint),
                "batch_size": args.batch_size}
     if tokenizer.subword:
-        result = add_word_level(result, word_count(corpus, args.split))
+        result = add_word_level(result, word_count(corpus, args.split, tokenizer))
     result |= _eval_methods(args, model, tokenizer, corpus, stream, columns)
     if dump:
         pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)] if tokenizer.subword else tokenizer.words
@@ -303,8 +303,9 @@ def _print_eval_methods(r: dict) -> None:
 
 def cmd_ngram_train(args: argparse.Namespace) -> int:
     from lm.data import token_stream
-    from lm.ngram import KneserNey
+    from lm.ngram import KneserNey, check_order
 
+    check_order(args.order)  # before the corpus is read and tokenized
     corpus, spec, held_out, tokenizer, run = _ngram_source(args)
     start = time.perf_counter()
     stream = token_stream(corpus, "train", tokenizer, progress=not args.json)
@@ -627,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     nt = ngs.add_parser("train", help="count the n-grams of a training split")
     nt.add_argument("source", help="corpus name, directory or file; or an LSTM checkpoint or run directory, "
                                    "whose tokenizer and corpus the n-gram model then shares")
-    nt.add_argument("--order", type=_positive_int, default=5, help="n (default: 5)")
+    nt.add_argument("--order", type=_positive_int, default=5, help="n, 1 to 9 (default: 5)")
     nt.add_argument("--out", metavar="FILE", help="model file (default: knN.npz in the checkpoint's run directory, "
                                                   "or in checkpoints/CORPUS)")
     nt.add_argument("--json", action="store_true", help="print the summary as one JSON object")

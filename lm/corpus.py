@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm.config import check_registry_entry
 from lm.errors import UTF8_BOM, DataError, open_input, refuse_non_utf8
 
 SPLITS = ("train", "valid", "test")
@@ -47,7 +48,7 @@ def registry() -> dict[str, dict]:
     for d in reversed(registry_dirs()):  # ./corpora wins over the checkout's
         for f in sorted(d.glob("*.toml")):
             try:
-                entries[f.stem] = tomllib.loads(f.read_text(encoding="utf-8-sig")) | {"_file": str(f)}
+                entries[f.stem] = check_registry_entry(tomllib.loads(f.read_text(encoding="utf-8-sig")), f) | {"_file": str(f)}
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"corpus registry entry {f} is not valid TOML: {e}") from None
     return dict(sorted(entries.items()))

@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ from lm import corpus as corpus_module
 from lm.corpus import HELD_OUT, DataWarning, open_corpus
 from lm.config import TokenizerConfig
 from lm.data import corpus_stats, token_stream, word_count
-from lm.errors import DataError
+from lm.errors import ConfigError, DataError
 from lm.tokenizer import Tokenizer
 from lm.train import build_config
 
@@ -277,3 +278,13 @@ def test_users_own_registry_entry_points_at_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = open_corpus("mine", held_out=0.1)
     assert c.name == "mine" and len(list(c.lines("test"))) == 10 and len(list(c.lines("train"))) == 80
+
+
+@pytest.mark.parametrize("entry, says", [("path = 5", 'path must be a "string", got 5'),
+                                         ("defaults = 5", "defaults must be a [defaults] table, got 5")])
+def test_a_mistyped_registry_entry_is_a_one_line_error_naming_its_file(tmp_path, monkeypatch, entry, says):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "mine.toml").write_text(entry + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"registry entry .*mine.toml: {re.escape(says)}"):
+        open_corpus("mine")

@@ -216,3 +216,14 @@ def test_order_is_checked_on_its_own_before_any_data():
             check_order(bad)
     with pytest.raises(ConfigError, match="--order must be between 1 and 9, got 10"):
         KneserNey.train(None, 0, 0, order=10)  # no stream at all: the order alone decides
+
+
+def test_ngram_train_checks_the_order_before_it_reads_the_corpus(tmp_path, monkeypatch):
+    import lm.cli as cli
+
+    def never(*a, **k):
+        raise AssertionError("the corpus was opened before --order was checked")
+
+    monkeypatch.setattr(cli, "_ngram_source", never)
+    with pytest.raises(ConfigError, match="--order must be between 1 and 9, got 12"):
+        cli.cmd_ngram_train(cli.build_parser().parse_args(["ngram", "train", str(tmp_path), "--order", "12"]))
