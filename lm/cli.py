@@ -405,9 +405,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lm.sample import continue_text
 
     sc = _sample_config(args)
-    # --prompt @FILE reads the file; @@ stands for a literal leading @
-    prompt = args.prompt[1:] if args.prompt.startswith("@@") else \
-        read_user_text(args.prompt[1:]) if args.prompt.startswith("@") else args.prompt
+    # --prompt @FILE reads the file (@- standard input); @@ stands for a literal leading @. The line
+    # break every editor ends a file with is not the text's: kept, the continuation began a new paragraph
+    if args.prompt.startswith("@") and not args.prompt.startswith("@@"):
+        text = read_user_text("/dev/stdin" if args.prompt == "@-" else args.prompt[1:])
+        prompt = text.removesuffix("\n").removesuffix("\r")
+    else:
+        prompt = args.prompt.removeprefix("@")
     from lm.train import set_threads
 
     set_threads(args.threads)
@@ -475,8 +479,8 @@ def _check_k(k: int, most: int = 1000) -> None:
 def cmd_complete(args: argparse.Namespace) -> int:
     _check_k(args.k)
     s = _predictor(args).complete_text(args.text, args.k)
-    if args.json:
-        _print_json(s.to_json())
+    if args.json:  # as /complete answers: a script can tell completions of "pre" from next words
+        _print_json({"kind": s.kind, "prefix": s.prefix, "suggestions": s.to_json()})
     else:
         from lm.repl import format_suggestions
         print(format_suggestions(s))
@@ -643,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
-    g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@@ for a literal @)")
+    g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@- standard input, @@ a literal @)")
     g.add_argument("--max-words", type=int, default=50, metavar="N", help="words to generate, 1 to 1,000,000 (default: 50)")
     g.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads (default: 1; one word is a small step)")
     g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,

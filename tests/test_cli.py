@@ -45,10 +45,12 @@ def test_eval_summary_line_and_run_directory(tiny_run, capsys):
 
 def test_complete_json_next_words_and_completions(tiny_run, capsys):
     assert main(["complete", str(tiny_run / "best.pt"), "the cat sat on the", "--k", "3", "--json"]) == 0
-    items = json.loads(capsys.readouterr().out)
-    assert len(items) == 3 and all(set(i) == {"word", "prob"} for i in items)
+    r = json.loads(capsys.readouterr().out)  # what /complete answers: the kind of list, the prefix, the list
+    assert (r["kind"], r["prefix"]) == ("next", "") and len(r["suggestions"]) == 3
+    assert all(set(i) == {"word", "prob"} for i in r["suggestions"])
     assert main(["complete", str(tiny_run / "best.pt"), "the cat sat on the m", "--json"]) == 0
-    assert {i["word"] for i in json.loads(capsys.readouterr().out)} == {"mat", "man", "my"}
+    r = json.loads(capsys.readouterr().out)
+    assert (r["kind"], r["prefix"]) == ("complete", "m") and {i["word"] for i in r["suggestions"]} == {"mat", "man", "my"}
 
 
 def test_info_describes_a_checkpoint(tiny_run, tmp_path, capsys):

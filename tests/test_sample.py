@@ -79,6 +79,17 @@ def test_generate_prompt_from_a_file(tiny_run, tmp_path, capsys):
     from_file = capsys.readouterr().out
     assert main(args + ["--prompt", "the old man looked at"]) == 0
     assert capsys.readouterr().out == from_file and from_file.startswith("the old man looked at ")
+    (tmp_path / "saved.txt").write_text("the old man looked at\n")  # as an editor saves it
+    assert main(args + ["--prompt", f"@{tmp_path / 'saved.txt'}"]) == 0
+    assert capsys.readouterr().out == from_file  # the file's last line break does not start a paragraph
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    piped = subprocess.run([sys.executable, "-m", "lm", *args, "--prompt", "@-"], input="the old man looked at\n",
+                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert piped.returncode == 0 and piped.stdout == from_file  # @-: standard input
     assert main(args + ["--prompt", "@@the"]) == 0  # @@: a literal @
     assert capsys.readouterr().out.startswith("@the")
     assert main(args + ["--prompt", f"@{tmp_path / 'none.txt'}"]) == 1
