@@ -242,11 +242,19 @@ def describe(path: str | Path) -> dict:
     """What a checkpoint holds, without a corpus: its file, the model and tokenizer (it
     is rebuilt, so a checkpoint this lm cannot run is refused here too), the training it
     had, its last validation, and whether ``lm train --resume`` can continue it."""
+    from lm.train import _ended  # (lm.train imports this module)
+
     file = resolve(path)
     ckpt = load(file)
     cfg, model, tokenizer = restore(ckpt)
     metrics, state = ckpt.get("metrics") or {}, ckpt.get("state") or {}
     m = cfg.model
+    resumable = bool(state) and "optimizer" in ckpt
+    finished = None  # why resuming would train nothing, and what would let it go on
+    if resumable and state.get("epoch", 1) > cfg.train.epochs:
+        finished = f"all {cfg.train.epochs} epochs done: resume with a larger --epochs to train on"
+    elif resumable and "bad_evals" in state:
+        finished = _ended(cfg.train, state) or None
     return {
         "file": str(file), "bytes": file.stat().st_size, "lm_version": ckpt.get("lm_version"),
         "format_version": ckpt["version"],
@@ -259,7 +267,7 @@ def describe(path: str | Path) -> dict:
         "minutes": round(metrics.get("elapsed_s", state.get("elapsed", 0.0)) / 60, 2),
         "optimizer": cfg.train.optimizer, "lr": metrics.get("lr"),
         "valid_ppl": metrics.get("valid_ppl"), "train_ppl": metrics.get("train_ppl"),
-        "resumable": bool(state) and "optimizer" in ckpt,
+        "resumable": resumable, "finished": finished,
         "config": ckpt["config"],
     }
 

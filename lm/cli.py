@@ -121,7 +121,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     ppl = (f"valid ppl {fmt_ppl(d['valid_ppl'])}" + (f", train ppl {fmt_ppl(d['train_ppl'])}" if d["train_ppl"] else "")
            if d["valid_ppl"] is not None else "not yet validated")
     run = Path(d["file"]).parent
-    print(f"{ppl}; " + (f"lm train --resume {run} continues it" if d["resumable"] else "no loop state to resume from"))
+    print(f"{ppl}; " + (f"the run has finished, {d['finished']} (lm train --resume {run})" if d["finished"]
+                        else f"lm train --resume {run} continues it" if d["resumable"] else "no loop state to resume from"))
     return 0
 
 

@@ -282,7 +282,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
     rank, world = _init_distributed(tc)
     try:
         return _train(cfg, run_dir, rank, world, resume=resume, progress=progress, log=log)
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (a GPU's) is a RuntimeError
+    except torch.distributed.DistError as e:  # a collective broke off: a rank stopped, or the network
+        why = (str(e).strip().splitlines() or ["no reason given"])[0][:200]
+        raise LMError(f"rank {rank} lost the other ranks ({why}): another rank's error above says why, or the "
+                      f"network failed; fix that and train again (lm train --resume {run_dir} continues from "
+                      "its last save)") from None
+    except (MemoryError, RuntimeError) as e:  # after DistError, also one; so is torch.OutOfMemoryError (a GPU's)
         if not isinstance(e, MemoryError) and not _out_of_memory(e):
             raise
         kept = (f"; {run_dir / 'last.pt'} is intact (lm train --resume {run_dir} continues from it)"
@@ -290,11 +295,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
         raise LMError(f"out of memory: the model ({cfg.model.n_layers} x {cfg.model.hidden_dim} LSTM, "
                       f"{cfg.model.emb_dim}-wide embeddings) or its batch ({cfg.data.batch_size} x {cfg.data.bptt}) "
                       f"is too large for this machine: lower --hidden-dim, --emb-dim or --batch-size{kept}") from None
-    except torch.distributed.DistError as e:  # a collective broke off: a rank stopped, or the network
-        why = (str(e).strip().splitlines() or ["no reason given"])[0][:200]
-        raise LMError(f"rank {rank} lost the other ranks ({why}): another rank's error above says why, or the "
-                      f"network failed; fix that and train again (lm train --resume {run_dir} continues from "
-                      "its last save)") from None
     finally:  # on every way out, errors included: a rank that exits with its process group
         # alive can abort (SIGABRT) in the interpreter's teardown, its one-line error lost
         if world > 1 and torch.distributed.is_initialized():

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from lm import checkpoint
 from lm.cli import main
 
 from conftest import REPO
@@ -71,7 +72,16 @@ def test_info_describes_a_checkpoint(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 5 and out[0].startswith(f"{tiny_run / 'last.pt'}: ")
     assert out[1].startswith("model: LSTM 24 + 16, embeddings 16, tied, adaptive head, cutoffs 10,20; ")
-    assert out[4].endswith(f"lm train --resume {tiny_run} continues it")
+    assert out[4].endswith(f"the run has finished, all 3 epochs done: resume with a larger --epochs to train on "
+                           f"(lm train --resume {tiny_run})")
+    ckpt = checkpoint.load(tiny_run / "last.pt")
+    ckpt["state"].update(epoch=3, pos=5)  # as if stopped inside its last epoch
+    (tmp_path / "mid").mkdir()
+    checkpoint.save(ckpt, tmp_path / "mid" / "last.pt")
+    assert main(["info", str(tmp_path / "mid" / "last.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finished"] is None
+    assert main(["info", str(tmp_path / "mid" / "last.pt")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"lm train --resume {tmp_path / 'mid'} continues it")
     weights = {k: v for k, v in torch.load(tiny_run / "best.pt", weights_only=True).items() if k not in ("state", "optimizer")}
     torch.save(weights, tmp_path / "weights.pt")
     assert main(["info", str(tmp_path / "weights.pt")]) == 0
