@@ -31,7 +31,10 @@ words come in natural text with the typed casing. Limits: a body of at most 256 
 ``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` 1e-6 to 1, ``seed``
 0 to 2**63 - 1. Anything else, an unknown field, a wrong type (``true`` is not a number)
 or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
-path ``404``, a wrong method ``405``, a body too large ``413``, no Content-Length ``411``.
+path ``404``, a wrong method ``405``, a body too large ``413``, no Content-Length ``411``,
+a body shorter than its Content-Length ``400`` (``408`` when it stops arriving for 30 s).
+A client that goes away before its answer (an editor cancelling a stale request) is no
+error: nothing is printed.
 
 Concurrency: each request gets its own predictor (``Predictor.fork``: no model work,
 no copy of the weights) over the shared model, which is only read. So requests never
@@ -46,6 +49,7 @@ authentication, so expose it only where anyone who can reach it may use it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -160,15 +164,21 @@ class Handler(BaseHTTPRequestHandler):
                 self._not_found()
             return
         try:
-            req = validate(self.path, self._json_body())
-            self._send(HTTPStatus.OK, answer(self.server.proto, self.path, req))
-        except RequestError as e:
-            self._send(e.status, {"error": str(e)})
-        except LMError as e:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        except Exception as e:  # a bug: answer, log one line, keep serving
+            try:
+                req = validate(self.path, self._json_body())
+                self._send(HTTPStatus.OK, answer(self.server.proto, self.path, req))
+            except RequestError as e:
+                self._send(e.status, {"error": str(e)})
+            except LMError as e:
+                self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except (ConnectionError, TimeoutError):  # the client went away (an editor cancelling a stale
+            # request) or stopped reading its answer: no one to answer
+            self.close_connection = True
+        except Exception as e:  # a bug: log one line, answer, keep serving
             print(f"lm serve: error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+            self.close_connection = True
+            with contextlib.suppress(OSError):  # the client may be gone too
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
 
     def _json_body(self) -> object:
         length = self.headers.get("Content-Length")
@@ -184,7 +194,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._drain(n)
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {n:,} bytes; at most {MAX_BODY:,}")
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s; send "
+                                                           f"the {n:,} bytes its Content-Length announces") from None
+        if len(raw) < n:  # the client stopped sending (half-closed): the body is cut, not complete
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw):,} of the {n:,} bytes "
+                                                       f"its Content-Length announced")
         try:
             return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -244,6 +263,13 @@ class Server(ThreadingHTTPServer):
             super().__init__((host, port), Handler)
         except OSError as e:
             raise LMError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+
+    def handle_error(self, request, client_address) -> None:
+        """An exception that escaped a handler (socketserver prints its traceback): a client
+        gone away while its request was read is nothing to report; anything else is one line."""
+        e = sys.exception()
+        if not isinstance(e, (ConnectionError, TimeoutError)):
+            print(f"lm serve: error: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
     def url(self) -> str:

@@ -1,8 +1,10 @@
 """lm serve: answers, 4xx with a message for every bad request, concurrent clients."""
 import json
 import os
+import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ import pytest
 from lm import checkpoint
 from lm.cache import NeuralCache
 from lm.predict import Predictor
-from lm.serve import MAX_BODY, MAX_TEXT, Server, requests_per_second
+from lm.serve import MAX_BODY, MAX_TEXT, Handler, Server, requests_per_second
 
 from conftest import REPO
 
@@ -113,6 +115,68 @@ def test_wrong_method_missing_length_and_oversized_body(server):
         reply = s.recv(65536).decode("latin-1")
     assert reply.startswith("HTTP/1.1 405")
     assert call(server, "GET", "/health")[0] == 200
+
+
+@pytest.fixture
+def watched_server(proto):
+    """A server that says when it is done with each connection: a test then knows that
+    whatever it would print about a client gone away has been printed."""
+    srv = Server(proto, "127.0.0.1", 0)
+    srv.finished = queue.Queue()
+    close = srv.shutdown_request
+
+    def shutdown_request(request):
+        close(request)
+        srv.finished.put(request)
+
+    srv.shutdown_request = shutdown_request
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def raw_request(path: str, body: bytes, length: int | None = None) -> bytes:
+    length = len(body) if length is None else length
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + body
+
+
+GENERATE = json.dumps({"text": "the cat", "max_words": 200}).encode()
+
+
+@pytest.mark.parametrize("data, reset", [
+    (raw_request("/generate", GENERATE), False),  # closed before its answer: the answer meets a broken pipe
+    (raw_request("/generate", GENERATE), True),  # reset, perhaps before the server has read the request
+    (raw_request("/complete", b'{"text": "a"}', length=40), False),  # closed in the middle of its body
+])
+def test_a_client_gone_away_is_not_reported(watched_server, capfd, data, reset):
+    """An editor cancels a stale keystroke's request by closing the connection: ordinary
+    traffic, which must not print a traceback (or anything) on the server's terminal."""
+    s = socket.create_connection(watched_server.server_address[:2], timeout=30)
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.sendall(data)
+    s.close()
+    watched_server.finished.get(timeout=60)
+    assert capfd.readouterr().err == ""
+    assert call(watched_server, "GET", "/health")[0] == 200
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(server):
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        s.sendall(raw_request("/complete", b'{"text": "a"}', length=40))
+        s.shutdown(socket.SHUT_WR)  # sends no more, still reads
+        reply = s.makefile("rb").read().decode()  # to the end: the server closes after its answer
+    assert reply.startswith("HTTP/1.1 400") and "ended after 13 of the 40 bytes" in reply
+
+
+def test_a_body_that_stops_arriving_gets_408(server, monkeypatch, capfd):
+    monkeypatch.setattr(Handler, "timeout", 0.5)  # seconds; read when a connection starts
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        s.sendall(raw_request("/complete", b'{"text"', length=40))
+        reply = s.makefile("rb").read().decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+    assert capfd.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")
