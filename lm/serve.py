@@ -31,8 +31,10 @@ words come in natural text with the typed casing. Limits: a body of at most 256 
 ``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` 1e-6 to 1, ``seed``
 0 to 2**63 - 1. Anything else, an unknown field, a wrong type (``true`` is not a number)
 or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
-path ``404``, a wrong method ``405``, a body too large ``413``, no Content-Length ``411``,
-a body shorter than its Content-Length ``400`` (``408`` when it stops arriving for 30 s).
+path ``404``, another method ``405`` with an ``Allow`` header (``HEAD /health`` gets the
+headers of ``GET``, as health checkers expect; a method HTTP does not define ``501``), a
+body too large ``413``, no Content-Length ``411``, a body shorter than its Content-Length
+``400`` (``408`` when it stops arriving for 30 s).
 A client that goes away before its answer (an editor cancelling a stale request) is no
 error: nothing is printed.
 
@@ -81,14 +83,16 @@ FIELDS: dict[str, dict[str, tuple]] = {
                   "temperature": (_FLOAT, 1.0, 0.0, 100.0), "top_k": (_INT, 0, 0, 1 << 31),
                   "top_p": (_FLOAT, 1.0, 1e-6, 1.0), "seed": (_INT, 0, 0, (1 << 63) - 1)},
 }
+METHODS = {"/health": ("GET", "HEAD"), **{path: ("POST",) for path in FIELDS}}  # path -> the methods it takes
 
 
 class RequestError(Exception):
     """A request the client must fix: answered with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, allow: str | None = None):
         super().__init__(message)
         self.status = status
+        self.allow = allow  # the Allow header of a 405
 
 
 def validate(path: str, body: object) -> dict:
@@ -146,39 +150,43 @@ class Handler(BaseHTTPRequestHandler):
     server: "Server"
 
     def do_GET(self) -> None:
-        if self.path == "/health":
-            self._send(HTTPStatus.OK, {"status": "ok", "vocab": self.server.proto.tok.vocab_size,
-                                       "memory": self.server.proto.memory is not None})
-        elif self.path in FIELDS:
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.path} takes POST with a JSON body"},
-                       allow="POST")
-        else:
-            self._not_found()
-
-    def do_POST(self) -> None:
-        if self.path not in FIELDS:
-            self._discard_body()
-            if self.path == "/health":
-                self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "/health takes GET"}, allow="GET")
-            else:
-                self._not_found()
-            return
+        """Every method comes here (http.server calls ``do_<METHOD>``), so that every answer,
+        a refusal too, is JSON."""
         try:
             try:
-                req = validate(self.path, self._json_body())
-                self._send(HTTPStatus.OK, answer(self.server.proto, self.path, req))
+                self._answer(self.path)
             except RequestError as e:
-                self._send(e.status, {"error": str(e)})
+                self._send(e.status, {"error": str(e)}, allow=e.allow)
             except LMError as e:
                 self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except (ConnectionError, TimeoutError):  # the client went away (an editor cancelling a stale
             # request) or stopped reading its answer: no one to answer
             self.close_connection = True
         except Exception as e:  # a bug: log one line, answer, keep serving
-            print(f"lm serve: error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"lm serve: error: {self.path[:100]}: {type(e).__name__}: {e}", file=sys.stderr)
             self.close_connection = True
             with contextlib.suppress(OSError):  # the client may be gone too
                 self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    # HTTP's other methods (RFC 9110, and PATCH) get 405 with Allow; one HTTP does not define
+    # gets http.server's 501, in JSON (send_error below)
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
+
+    def _answer(self, path: str) -> None:
+        methods = METHODS.get(path, ())
+        if self.command in methods and path in FIELDS:
+            req = validate(path, self._json_body())
+            self._send(HTTPStatus.OK, answer(self.server.proto, path, req))
+            return
+        self._discard_body()  # sent where none is read: the next request on the connection starts after it
+        if not methods:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no endpoint {path[:100]}; there are GET /health, "
+                                                     f"POST {', POST '.join(FIELDS)}")
+        if self.command not in methods:
+            takes = "POST with a JSON body" if path in FIELDS else " or ".join(methods)
+            raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {takes}", allow=", ".join(methods))
+        self._send(HTTPStatus.OK, {"status": "ok", "vocab": self.server.proto.tok.vocab_size,
+                                   "memory": self.server.proto.memory is not None})
 
     def _json_body(self) -> object:
         length = self.headers.get("Content-Length")
@@ -229,14 +237,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length", "0")
-        if length.isdecimal() and int(length) <= MAX_BODY:
-            self.rfile.read(int(length))
-        else:
+        n = int(length) if length.isdecimal() else MAX_BODY + 1
+        if n > MAX_BODY or len(self.rfile.read(n)) < n:  # not read, or cut short: the connection cannot go on
             self.close_connection = True
 
-    def _not_found(self) -> None:
-        self._send(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path[:100]}; there are GET /health, "
-                                                  f"POST {', POST '.join(FIELDS)}"})
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header, a line too long, a
+        method HTTP does not define) in JSON like every other answer; the connection closes."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # not a version read from the request (it was refused before
+            self.request_version = "HTTP/1.0"  # it was read, as 505 is), and HTTP/0.9 would drop the status line
+        status = HTTPStatus(code)
+        self._send(status, {"error": message or status.phrase})
 
     def _send(self, status: HTTPStatus, obj: dict, allow: str | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -248,7 +260,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: the headers GET would get, without the body
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
         pass  # one line per keystroke would drown the terminal; errors are printed above

@@ -117,6 +117,53 @@ def test_wrong_method_missing_length_and_oversized_body(server):
     assert call(server, "GET", "/health")[0] == 200
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_other_methods_get_405_in_json_with_allow(server, method):
+    conn = HTTPConnection(*server.server_address[:2], timeout=30)
+    for path, allow in [("/complete", "POST"), ("/health", "GET, HEAD")]:
+        conn.request(method, path, b'{"text": "a"}')  # with a body, which must not be read as the next request
+        resp = conn.getresponse()
+        assert resp.status == 405 and resp.getheader("Allow") == allow
+        assert resp.getheader("Content-Type").startswith("application/json")
+        assert f"{path} takes" in json.loads(resp.read())["error"]
+    conn.request(method, "/nope")
+    resp = conn.getresponse()
+    assert resp.status == 404 and "no endpoint /nope" in json.loads(resp.read())["error"]
+    conn.request("GET", "/health")  # the same keep-alive connection still serves
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_head_health_gets_the_headers_of_get(server):
+    conn = HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.request("GET", "/health")
+    got = conn.getresponse()
+    body = got.read()
+    conn.request("HEAD", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    assert resp.getheader("Content-Length") == str(len(body))
+    assert resp.getheader("Content-Type") == got.getheader("Content-Type")
+    conn.request("HEAD", "/complete")
+    resp = conn.getresponse()
+    assert resp.status == 405 and resp.getheader("Allow") == "POST" and resp.read() == b""
+    conn.request("GET", "/health")  # no stray body bytes ahead of this answer
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == body
+    conn.close()
+
+
+def test_http_servers_own_refusals_are_json(server):
+    for request, status in [(b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n", 501),  # a method HTTP does not define
+                            (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 505),
+                            (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414)]:
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(request)
+            head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d" % status) and b"application/json" in head, head
+        assert json.loads(body)["error"]
+
+
 @pytest.fixture
 def watched_server(proto):
     """A server that says when it is done with each connection: a test then knows that
