@@ -31,11 +31,11 @@ words come in natural text with the typed casing. Limits: a body of at most 256 
 ``temperature`` 0-100, ``top_k`` 0 or more, ``top_p`` 1e-6 to 1, ``seed``
 0 to 2**63 - 1. Anything else, an unknown field, a wrong type (``true`` is not a number)
 or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
-path ``404``, another method ``405`` with an ``Allow`` header (``HEAD /health`` gets the
-headers of ``GET``, as health checkers expect; a method HTTP does not define ``501``), a
-body too large ``413``, no Content-Length ``411``, a body shorter than its Content-Length
-``400`` (``408`` when it stops arriving for 30 s).
-A client that goes away before its answer (an editor cancelling a stale request) is no
+path ``404`` (a query string is ignored), another method ``405`` with an ``Allow`` header
+(``HEAD /health`` gets the headers of ``GET``, as health checkers expect; a method HTTP
+does not define ``501``), a body too large ``413``, no Content-Length ``411``, a body
+shorter than its Content-Length ``400`` (``408`` when it stops arriving for 30 s). A
+client that goes away before its answer (an editor cancelling a stale request) is no
 error: nothing is printed.
 
 Concurrency: each request gets its own predictor (``Predictor.fork``: no model work,
@@ -154,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
         a refusal too, is JSON."""
         try:
             try:
-                self._answer(self.path)
+                self._answer(self.path.partition("?")[0])  # health checkers and cache-busting clients add a query
             except RequestError as e:
                 self._send(e.status, {"error": str(e)}, allow=e.allow)
             except LMError as e:

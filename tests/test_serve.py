@@ -117,6 +117,16 @@ def test_wrong_method_missing_length_and_oversized_body(server):
     assert call(server, "GET", "/health")[0] == 200
 
 
+def test_a_query_string_is_ignored(server):
+    """Health checkers and cache-busting clients add one: the endpoint is the path before it."""
+    assert call(server, "GET", "/health?probe=1")[:2] == call(server, "GET", "/health")[:2]
+    body = {"text": "the cat sat on the m", "k": 3}
+    status, r, _ = call(server, "POST", "/complete?t=123", body)
+    assert status == 200 and r == call(server, "POST", "/complete", body)[1]
+    status, r, _ = call(server, "POST", "/nope?x=1", body)
+    assert status == 404 and "no endpoint /nope;" in r["error"]
+
+
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_other_methods_get_405_in_json_with_allow(server, method):
     conn = HTTPConnection(*server.server_address[:2], timeout=30)
