@@ -33,10 +33,10 @@ words come in natural text with the typed casing. Limits: a body of at most 256 
 or malformed JSON is answered ``400`` with ``{"error": "what is wrong"}``; an unknown
 path ``404`` (a query string is ignored), another method ``405`` with an ``Allow`` header
 (``HEAD /health`` gets the headers of ``GET``, as health checkers expect; a method HTTP
-does not define ``501``), a body too large ``413``, no Content-Length ``411``, a body
-shorter than its Content-Length ``400`` (``408`` when it stops arriving for 30 s). A
-client that goes away before its answer (an editor cancelling a stale request) is no
-error: nothing is printed.
+does not define ``501``), a body too large ``413``, no Content-Length ``411`` (one that
+is not digits, or two that differ, ``400``), a body shorter than its Content-Length
+``400`` (``408`` when it stops arriving for 30 s). A client that goes away before its
+answer (an editor cancelling a stale request) is no error: nothing is printed.
 
 Concurrency: each request gets its own predictor (``Predictor.fork``: no model work,
 no copy of the weights) over the shared model, which is only read. So requests never
@@ -173,12 +173,16 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
     def _answer(self, path: str) -> None:
+        n = self._content_length()  # first: without it, where this request ends and the next begins is unknown
         methods = METHODS.get(path, ())
         if self.command in methods and path in FIELDS:
-            req = validate(path, self._json_body())
+            req = validate(path, self._json_body(n))
             self._send(HTTPStatus.OK, answer(self.server.proto, path, req))
             return
-        self._discard_body()  # sent where none is read: the next request on the connection starts after it
+        # a body sent where none is read is dropped, so that the next request starts after it;
+        # one too large to read, or cut short, ends the connection
+        if n and (n > MAX_BODY or len(self.rfile.read(n)) < n):
+            self.close_connection = True
         if not methods:
             raise RequestError(HTTPStatus.NOT_FOUND, f"no endpoint {path[:100]}; there are GET /health, "
                                                      f"POST {', POST '.join(FIELDS)}")
@@ -188,17 +192,31 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, {"status": "ok", "vocab": self.server.proto.tok.vocab_size,
                                    "memory": self.server.proto.memory is not None})
 
-    def _json_body(self) -> object:
-        length = self.headers.get("Content-Length")
-        if length is None:
+    def _content_length(self) -> int | None:
+        """The body's length in bytes, None without a Content-Length header. Only digits count
+        (``int`` would take "-1", "+15" and "1_5"), and repeated values must agree (RFC 9112,
+        6.3); otherwise the end of the body is unknown: 400, and the connection closes."""
+        values = [v.strip(" \t") for field in self.headers.get_all("Content-Length", ()) for v in field.split(",")]
+        if not values:
+            return None
+        lengths = {v.lstrip("0") or "0" for v in values}
+        if len(lengths) > 1 or not all(v.isascii() and v.isdigit() for v in values):
+            self.close_connection = True
+            got = ", ".join(values)
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {got[:40]!r}: send the body's length "
+                                                       f"in bytes (digits only), once")
+        n = lengths.pop()
+        if len(n) > 18:  # past any body (and int() refuses more than 4,300 digits)
+            self.close_connection = True
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body's length has {len(n):,} digits; "
+                                                                    f"at most {MAX_BODY:,} bytes")
+        return int(n)
+
+    def _json_body(self, n: int | None) -> object:
+        if n is None:
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length header")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
-        if not 0 <= n <= MAX_BODY:
+        if n > MAX_BODY:
             self.close_connection = True
             self._drain(n)
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {n:,} bytes; at most {MAX_BODY:,}")
@@ -227,19 +245,13 @@ class Handler(BaseHTTPRequestHandler):
         for each piece: a client still sending when the connection closes gets a broken
         pipe instead of the 413. A client that announced a body and sends none is not
         waited for."""
-        left = n if 0 < n <= DRAIN_MAX else 0
+        left = n if n <= DRAIN_MAX else 0
         self.connection.settimeout(1.0)
         try:
             while left > 0 and (chunk := self.rfile.read1(min(left, 1 << 16))):
                 left -= len(chunk)
         except OSError:  # timed out or reset: answer anyway
             pass
-
-    def _discard_body(self) -> None:
-        length = self.headers.get("Content-Length", "0")
-        n = int(length) if length.isdecimal() else MAX_BODY + 1
-        if n > MAX_BODY or len(self.rfile.read(n)) < n:  # not read, or cut short: the connection cannot go on
-            self.close_connection = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed request line or header, a line too long, a

@@ -110,11 +110,33 @@ def test_wrong_method_missing_length_and_oversized_body(server):
     resp = conn.getresponse()
     assert resp.status == 413 and "at most" in json.loads(resp.read())["error"]
     conn.close()
-    with socket.create_connection(server.server_address[:2], timeout=30) as s:  # a digit int() refuses
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:  # a digit, not an ASCII one
         s.sendall(b"GET /complete HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
         reply = s.recv(65536).decode("latin-1")
-    assert reply.startswith("HTTP/1.1 405")
+    assert reply.startswith("HTTP/1.1 400") and "Content-Length" in reply  # the body's end comes first
     assert call(server, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("path, lengths", [
+    ("/complete", ["-1"]),  # was 413 "the body is -1 bytes"
+    ("/complete", ["+13"]),  # these two were read as 13 by int()
+    ("/complete", ["1_3"]),
+    ("/complete", ["13", "3"]),  # the first one was used
+    ("/nope", ["-1"]),  # whatever the path: where the request ends is unknown
+])
+def test_a_malformed_or_conflicting_content_length_gets_400(server, path, lengths):
+    headers = "".join(f"Content-Length: {v}\r\n" for v in lengths)
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + b'{"text": "a"}')
+        head, _, body = s.makefile("rb").read().decode().partition("\r\n\r\n")  # to the end: it closes
+    assert head.startswith("HTTP/1.1 400") and "Connection: close" in head
+    assert "bad Content-Length" in json.loads(body)["error"]
+
+
+def test_repeated_content_lengths_that_agree_are_one(server):
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:  # RFC 9112, 6.3
+        s.sendall(b'POST /complete HTTP/1.1\r\nHost: x\r\nContent-Length: 13, 13\r\n\r\n{"text": "a"}')
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_a_query_string_is_ignored(server):
