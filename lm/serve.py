@@ -314,8 +314,8 @@ def serve(proto: Predictor, host: str = "127.0.0.1", port: int = 8080, log=print
         log(f"warning: listening on {host}, not only this machine; the API has no authentication")
     main = threading.current_thread() is threading.main_thread()  # only there can signals be set
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
-    log(f"serving {server.url} (GET /health, POST {', '.join(FIELDS)}); Ctrl-C to stop")
-    try:
+    try:  # from here on: a service manager may stop the server as soon as it says it serves
+        log(f"serving {server.url} (GET /health, POST {', '.join(FIELDS)}); Ctrl-C to stop")
         server.serve_forever()
     except KeyboardInterrupt:
         log("stopped")

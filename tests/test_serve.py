@@ -15,7 +15,7 @@ import pytest
 from lm import checkpoint
 from lm.cache import NeuralCache
 from lm.predict import Predictor
-from lm.serve import MAX_BODY, MAX_TEXT, Handler, Server, requests_per_second
+from lm.serve import MAX_BODY, MAX_TEXT, Handler, Server, requests_per_second, serve
 
 from conftest import REPO
 
@@ -301,6 +301,18 @@ def test_concurrent_clients_get_the_answers_of_sequential_ones(which, request):
 def test_requests_per_second(proto):
     r = requests_per_second(proto, "the cat sat on the mat .", requests=40, clients=2)
     assert r["requests"] == 40 and r["failures"] == 0 and r["requests_per_s"] > 0
+
+
+def test_a_sigterm_right_after_the_serving_line_stops_cleanly(proto):
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("serving"):  # what a service manager waits for
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, before log returns
+
+    assert serve(proto, "127.0.0.1", 0, log=log) == 0  # pytest runs tests in the main thread, where signals go
+    assert lines[-1] == "stopped"
 
 
 def test_sigterm_stops_the_server_cleanly(tiny_run):
