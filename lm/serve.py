@@ -46,15 +46,19 @@ request at a time and would have to re-sync its state to every client's text any
 The session memory of a request holds the words learned at start-up (``--learn``)
 and its own text.
 
-The server listens on the loopback interface unless ``--host`` says otherwise; it has no
-authentication, so expose it only where anyone who can reach it may use it.
+The server listens on the loopback interface unless ``--host`` says otherwise (a name, or
+an IPv4 or IPv6 address: ``::1``); it has no authentication, so expose it only where
+anyone who can reach it may use it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import json
 import math
 import signal
+import socket
 import sys
 import threading
 import time
@@ -284,10 +288,23 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, proto: Predictor, host: str = "127.0.0.1", port: int = 8080):
         self.proto = proto
+        if host.startswith("[") and host.endswith("]"):  # [::1], as written in a URL
+            host = host[1:-1]
         try:
-            super().__init__((host, port), Handler)
+            found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise LMError(f"cannot listen on {host}: {e.strerror}; --host takes an address or a name of "
+                          f"this machine") from None
+        # IPv4 where the name has it (so "localhost" stays 127.0.0.1, as before), else IPv6 ("::1")
+        family, _, _, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)
+        self.address_family = family  # read by TCPServer.__init__ to make the socket
+        try:
+            super().__init__(address, Handler)
         except OSError as e:
-            raise LMError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+            advice = {errno.EADDRINUSE: "choose another --port (0: any free one)",
+                      errno.EACCES: "a port below 1024 needs administrator rights; choose another --port"}
+            raise LMError(f"cannot listen on {_netloc(address[0], port)}: {e.strerror or e}; "
+                          f"{advice.get(e.errno, 'check --host: it must be an address of this machine')}") from None
 
     def handle_error(self, request, client_address) -> None:
         """An exception that escaped a handler (socketserver prints its traceback): a client
@@ -298,8 +315,11 @@ class Server(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{_netloc(*self.server_address[:2])}"
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as in a URL
 
 
 def _interrupt(signum, frame) -> None:
@@ -310,8 +330,9 @@ def serve(proto: Predictor, host: str = "127.0.0.1", port: int = 8080, log=print
     """Serve until Ctrl-C or SIGTERM (what ``kill``, systemd and ``docker stop`` send):
     either closes the socket, lets the requests in flight finish, and returns 0."""
     server = Server(proto, host, port)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log(f"warning: listening on {host}, not only this machine; the API has no authentication")
+    if not ipaddress.ip_address(server.server_address[0]).is_loopback:
+        log(f"warning: listening on {server.server_address[0]}, not only this machine; the API has no "
+            f"authentication")
     main = threading.current_thread() is threading.main_thread()  # only there can signals be set
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:  # from here on: a service manager may stop the server as soon as it says it serves

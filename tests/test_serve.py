@@ -14,6 +14,7 @@ import pytest
 
 from lm import checkpoint
 from lm.cache import NeuralCache
+from lm.errors import LMError
 from lm.predict import Predictor
 from lm.serve import MAX_BODY, MAX_TEXT, Handler, Server, requests_per_second, serve
 
@@ -301,6 +302,66 @@ def test_concurrent_clients_get_the_answers_of_sequential_ones(which, request):
 def test_requests_per_second(proto):
     r = requests_per_second(proto, "the cat sat on the mat .", requests=40, clients=2)
     assert r["requests"] == 40 and r["failures"] == 0 and r["requests_per_s"] > 0
+
+
+def test_listen_errors_name_the_flag_to_change(proto, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LMError, match=rf"127\.0\.0\.1:{port}: .*; choose another --port"):
+            Server(proto, "127.0.0.1", port)
+    with pytest.raises(LMError, match=r"192\.0\.2\.1:0: .*; check --host") as e:  # TEST-NET-1: on no machine
+        Server(proto, "192.0.2.1", 0)
+    assert "--port" not in str(e.value)
+
+    def no_such_name(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)  # no resolver is asked
+    with pytest.raises(LMError, match="nosuch.invalid: Name or service not known; --host takes") as e:
+        Server(proto, "nosuch.invalid", 0)
+    assert "--port" not in str(e.value)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+
+
+@needs_ipv6
+def test_an_ipv6_host_is_served(proto):
+    for host in ["::1", "[::1]"]:  # as an address, and as written in a URL
+        srv = Server(proto, host, 0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            port = srv.server_address[1]
+            assert srv.url == f"http://[::1]:{port}"
+            assert call(srv, "GET", "/health")[0] == 200
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+
+@needs_ipv6
+def test_lm_serve_on_ipv6_loopback_says_where_and_gives_no_warning(tiny_run):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", str(tiny_run), "--host", "[::1]", "--port", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # a warning about an exposed host would come first
+        assert first.startswith("serving http://[::1]:"), first + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "stopped"
 
 
 def test_a_sigterm_right_after_the_serving_line_stops_cleanly(proto):
