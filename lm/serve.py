@@ -235,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw):,} of the {n:,} bytes "
                                                        f"its Content-Length announced")
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8-sig"))  # -sig: a leading byte-order mark is dropped (RFC 8259 allows)
         except UnicodeDecodeError:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
         except RecursionError:

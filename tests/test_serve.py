@@ -97,6 +97,13 @@ def test_bad_requests_get_4xx_and_a_message(server, path, body, status, message)
     assert got == status and message in r["error"]
 
 
+def test_a_byte_order_mark_before_the_json_is_dropped(server):
+    """Windows editors and some clients put one before UTF-8 text."""
+    body = {"text": "the cat sat on the m", "k": 3}
+    status, r, _ = call(server, "POST", "/complete", b"\xef\xbb\xbf" + json.dumps(body).encode())
+    assert status == 200 and r == call(server, "POST", "/complete", body)[1]
+
+
 def test_wrong_method_missing_length_and_oversized_body(server):
     status, r, _ = call(server, "GET", "/complete")
     assert status == 405 and "POST" in r["error"]
