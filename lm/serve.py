@@ -243,6 +243,9 @@ class Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e.msg} at "
                                                        f"line {e.lineno} column {e.colno}") from None
+        except ValueError:  # json's int() refuses a number of more digits than this limit
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"a number in the body has more than "
+                                                       f"{sys.get_int_max_str_digits():,} digits") from None
 
     def _drain(self, n: int) -> None:
         """Read and drop a refused body of up to DRAIN_MAX bytes, waiting at most a second

@@ -89,6 +89,7 @@ def test_answers(server, proto):
     ("/generate", {"max_words": 10**6}, 400, "max_words must be between"),
     ("/generate", {"seed": -1}, 400, "seed must be between"),
     ("/complete", b"[" * 50_000, 400, "nested too deeply"),
+    ("/complete", b'{"text": "a", "k": 1' + b"0" * 5000 + b"}", 400, "more than 4,300 digits"),  # was a 500
     ("/nope", {"text": "a"}, 404, "no endpoint /nope"),
     ("/health", {}, 405, "takes GET"),
 ])
