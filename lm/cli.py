@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="HTTP JSON API: next words, completions, phrases, generation")
     sv.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--host", default="127.0.0.1", help="address or name to listen on, IPv4 or IPv6 (::1) (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8080, help="TCP port; 0 = any free one (default: 8080)")
     _predictor_flags(sv)
     sv.set_defaults(func=cmd_serve)
