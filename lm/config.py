@@ -101,7 +101,8 @@ class TrainConfig:
     lr: float = opt(20.0, "initial learning rate (SGD: 20-30; AdamW: about 2e-3)")
     weight_decay: float = opt(0.0, "L2 penalty (AWD-LSTM: 1.2e-6)")
     lr_decay: float = opt(0.25, "multiply the learning rate by this when validation stops improving (sgd, adamw)")
-    min_lr: float = opt(0.01, "stop early once a decay would go below this learning rate")
+    min_lr: float = opt(0.01, "stop early once a decay would go below this learning rate (for a run that "
+                              "starts at or below it, such as AdamW's: --lr x 0.0005)")
     anneal: float = opt(0.3, "final fraction of the budget (epochs, steps or minutes, whichever ends first) over which the learning rate falls linearly to 0; 0 = off")
     nonmono: int = opt(5, "ntasgd: start averaging when validation is worse than the best of all but the last N evaluations")
     clip: float = opt(0.25, "clip the global gradient norm to this; 0 disables")
