@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
     g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@- standard input, @@ a literal @)")
-    g.add_argument("--max-words", type=int, default=50, metavar="N", help="words to generate, 1 to 1,000,000 (default: 50)")
+    g.add_argument("--max-words", type=int, default=50, metavar="N", help="tokens to generate, 1 to 1,000,000: words, punctuation marks and line breaks each "
+                        "count one (a subword model's: pieces) (default: 50)")
     g.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads (default: 1; one word is a small step)")
     g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="int8 weights (lm.quantize): 3.9x the words/s of float weights for the default model, "
