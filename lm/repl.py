@@ -18,7 +18,8 @@ that memory with your own writing.
 With standard input not a terminal (or ``--plain``) it reads lines: each line continues
 the text so far (as if separated by a space), and every input line gives exactly one
 output line, the suggestions after it, so the REPL can be scripted. There a line
-ending in a whole vocabulary word asks for the next word (the rule of ``lm complete``).
+ending in a likely whole vocabulary word asks for the next word (the one-shot rule of
+``lm complete``, in ``lm.predict``).
 """
 from __future__ import annotations
 

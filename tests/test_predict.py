@@ -8,7 +8,7 @@ import torch
 from lm import checkpoint
 from lm.cache import NeuralCache
 from lm.errors import LMError
-from lm.predict import RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
+from lm.predict import ODDS, RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
 from lm.tokenizer import Tokenizer
 
 
@@ -196,10 +196,45 @@ def test_split_rules_keyboard_and_one_shot(tiny):
     assert p.split_partial("") == ([], "") and p.split_partial("\x00\x1b ") == ([], "")
     # an arrow key's escape sequence and control characters read as spaces (REPL, lm serve)
     assert p.split_partial("the\x1b[A cat\x1bOBsat\x07pr") == (["the", "cat", "sat"], "pr")
-    # one-shot (lm complete): a final vocabulary word is finished
-    assert p.split_partial("the president of the", complete_known=True) == (["the", "president", "of", "the"], "")
-    assert p.split_partial("the pres", complete_known=True) == (["the"], "pres")
+    # one-shot (lm complete): a final vocabulary word is finished unless longer words outweigh it
+    for text, split in (("the cat sat on the", (["the", "cat", "sat", "on", "the"], "")),
+                        ("the pres", (["the"], "pres")), ("the cat sat.", (["the", "cat", "sat", "."], ""))):
+        p.reset()
+        p.update(text, complete_known=True)
+        assert (p.words, p.partial) == split
     assert p.complete_text("the cat sat.", 3).items == p.complete_text("the cat sat .", 3).items
+
+
+def test_one_shot_rule_weighs_a_word_against_the_longer_words_it_begins(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    ratios = {}
+    for before in ("the cat looked", "the cat sat on"):  # "a" is a word, and begins "at"
+        p.reset()
+        p.update(before + " ")
+        lp = p.log_probs()
+        ratios[before] = (lp[tok.word_to_id["at"]] - lp[tok.word_to_id["a"]]).exp().item()
+    assert ratios["the cat looked"] > ODDS and ratios["the cat sat on"] < ODDS  # the oracle: the model
+    s = p.complete_text("the cat looked a", 3)
+    assert (s.kind, s.prefix, s.items[0].text) == ("complete", "a", "at")
+    s = p.complete_text("the cat sat on a", 3)
+    assert s.kind == "next" and p.words == ["the", "cat", "sat", "on", "a"]
+    assert p.complete_text("the cat looked a ", 3).kind == "next"  # a space always ends the word
+
+
+def test_whole_and_longer_count_the_spellings_the_case_mode_matches():
+    tok = Tokenizer.train(["re Re RE released Released record recorded The the there ."] * 3)
+    index = WordIndex(tok)
+    probs = {"re": 0.01, "Re": 0.02, "RE": 0.04, "released": 0.1, "Released": 0.2, "record": 0.3,
+             "recorded": 0.05, "The": 0.07, "the": 0.08, "there": 0.09, ".": 0.04}
+    lp = torch.full((tok.vocab_size,), -50.0)
+    for w, q in probs.items():
+        lp[tok.word_to_id[w]] = torch.tensor(q).log()
+    assert index.whole_and_longer(lp, "re") == pytest.approx((0.07, 0.65))  # any casing
+    assert index.whole_and_longer(lp, "RE") == pytest.approx((0.07, 0.65))
+    assert index.whole_and_longer(lp, "the") == pytest.approx((0.15, 0.09))
+    assert index.whole_and_longer(lp, "record") == pytest.approx((0.3, 0.05))
+    assert index.whole_and_longer(lp, "rE") == pytest.approx((0, 0), abs=1e-12)  # mixed case: exactly as typed
 
 
 def test_session_memory_learns_and_lambda_zero_is_the_plain_model(tiny):

@@ -91,6 +91,11 @@ def test_gen_is_greedy_at_temperature_zero_and_learn_reads_a_file(pred, tmp_path
     assert out[4].startswith("error: session learning is off")  # this predictor has no memory
 
 
+def test_a_line_ending_in_a_word_that_longer_words_outweigh_gets_completions(pred):
+    out = lines_out(pred, "the cat looked a\n:reset\nthe cat sat on a\n")  # "at" is far likelier after "looked"
+    assert out[0].startswith("a… at ") and out[2].startswith("next: ")
+
+
 def test_no_final_newline_and_a_partial_word_joins_the_text(pred):
     out = lines_out(pred, "the cat sat on the m\nat\n:context")
     assert out[0].startswith("m… ") and out[2] == "context: the cat sat on the m at"
