@@ -70,8 +70,10 @@ mixed ("McD", "iPh")        exactly as typed     as in the vocabulary ("McDonald
 
 Spellings shown the same way are one suggestion whose probability is the sum of theirs:
 typed "Pres", "President" gets p(President) + p(president). Accepting it types the
-word as shown. ``<unk>``, ``<eos>`` and words on the block list (any casing) are never
-suggested.
+word as shown. A lower-case model (``--lowercase``) reads typed text folded, but the
+casing still comes from what was typed: "Pres" offers "President", "PRES" "PRESIDENT",
+and a mixed prefix keeps its letters ("McD" offers "McDonald" for "mcdonald").
+``<unk>``, ``<eos>`` and words on the block list (any casing) are never suggested.
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ from torch import Tensor
 from lm.cache import NeuralCache
 from lm.errors import UTF8_BOM, LMError, open_input, refuse_non_utf8
 from lm.model import LSTMLM, Hidden
+from lm.text import pretokenize
 from lm.tokenizer import Tokenizer
 
 TAIL = 64  # positions behind the end whose LSTM state is kept (backspace, edits)
@@ -186,6 +189,7 @@ class WordIndex:
 
     def __init__(self, tokenizer: Tokenizer, block: Iterable[str] = ()):
         self.tok = tokenizer
+        self.folded = tokenizer.lowercase  # a lower-case vocabulary: every prefix matches folded
         words = tokenizer.words
         blocked = {w.strip().lower() for w in block if w.strip()}
         special = {tokenizer.unk_id, tokenizer.eos_id}
@@ -206,8 +210,8 @@ class WordIndex:
                 group[i] = rep.setdefault((words[i].lower(), self.shown(words[i], mode)), i)
             self.groups[mode] = torch.tensor(group, dtype=torch.long)
 
-    def shown(self, word: str, mode: str) -> str:
-        """A vocabulary word as offered for a prefix typed in ``mode``."""
+    def shown(self, word: str, mode: str, prefix: str = "") -> str:
+        """A vocabulary word as offered for ``prefix`` typed in ``mode``."""
         if mode == "upper":
             return word.upper()
         if mode == "capital":
@@ -215,22 +219,28 @@ class WordIndex:
         if mode == "lower":
             low = word.lower()
             return low if low in self._known else word
+        if self.folded:  # "McD" + "onald": the typed letters keep their casing
+            return prefix + word[len(prefix.lower()):]
         return word
+
+    def _keys(self, prefix: str) -> tuple[list[str], Tensor, str, str]:
+        """The sorted words ``prefix`` is looked up in, their ids, the key and the case mode."""
+        mode = case_mode(prefix)
+        if mode == "exact" and not self.folded:
+            return *self._exact, prefix, mode
+        return *self._folded, prefix.lower(), mode
 
     def prefix_ids(self, prefix: str) -> tuple[Tensor, str]:
         """Ids of the suggestable words matching ``prefix`` (every spelling), and the
         case mode."""
-        mode = case_mode(prefix)
-        keys, ids = self._exact if mode == "exact" else self._folded
-        lo, hi = _prefix_range(keys, prefix if mode == "exact" else prefix.lower())
+        keys, ids, key, mode = self._keys(prefix)
+        lo, hi = _prefix_range(keys, key)
         return ids[lo:hi], mode
 
     def whole_and_longer(self, log_probs: Tensor, prefix: str) -> tuple[float, float]:
         """From (V,) log-probabilities: the probability of ``prefix`` as a whole word and
         that of the longer words it begins, in the spellings its case mode matches."""
-        mode = case_mode(prefix)
-        keys, ids = self._exact if mode == "exact" else self._folded
-        key = prefix if mode == "exact" else prefix.lower()
+        keys, ids, key, _ = self._keys(prefix)
         lo, hi = _prefix_range(keys, key)
         same = bisect.bisect_right(keys, key, lo, hi)  # the word itself sorts first in its range
         probs = log_probs[ids[lo:hi]].exp()  # (R,)
@@ -269,7 +279,7 @@ class WordIndex:
         top = torch.topk(probs, min(k, ids.numel()))
         out = []
         for p, j in zip(top.values.tolist(), top.indices.tolist()):
-            word = self.shown(self.tok.words[int(ids[j])], mode)
+            word = self.shown(self.tok.words[int(ids[j])], mode, prefix)
             out.append(Choice(word, p, (word,)))
         return out
 
@@ -351,7 +361,8 @@ class Predictor:
 
     @property
     def partial(self) -> str:
-        """The unfinished word at the end of the live text ("" at a word boundary)."""
+        """The unfinished word at the end of the live text ("" at a word boundary), as
+        typed (a lower-case model reads it folded)."""
         return self._partial
 
     def text(self) -> str:
@@ -360,23 +371,42 @@ class Predictor:
 
     def split_partial(self, text: str) -> tuple[list[str], str]:
         """(finished words, unfinished word) of typed natural text by the keyboard rule
-        (see the module docstring): "Hello, wor" -> (["Hello", ","], "wor")."""
+        (see the module docstring): "Hello, wor" -> (["Hello", ","], "wor"). The
+        finished words are as the model reads them, the unfinished one as typed: a
+        lower-case model gets ["the"] and "Pres" from "The Pres"."""
         text = CONTROL.sub(" ", text)
         words = self.tok.typed_words(text)
         if not words or text[-1].isspace():
             return words, ""
         inside = text[-1] == "'" or unicodedata.category(text[-1])[0] in "LNM"
-        return (words[:-1], words[-1]) if inside else (words, "")
+        if not inside:
+            return words, ""
+        return words[:-1], self._as_typed(text, words[-1]) if self.tok.lowercase else words[-1]
+
+    @staticmethod
+    def _as_typed(text: str, word: str) -> str:
+        """The last word of ``text``, which a lower-case tokenizer read as ``word``, in
+        its typed casing. The end of the text is enough: the split of a word depends on
+        at most a few characters before it."""
+        for tail in (text[-2 * len(word) - 8:], text):
+            typed = pretokenize(tail).split()
+            if typed and typed[-1].lower() == word:
+                return typed[-1]
+        return word
+
+    def _read(self, word: str) -> str:
+        """A word as the model reads it."""
+        return word.lower() if self.tok.lowercase else word
 
     def update(self, text: str, *, complete_known: bool = False) -> None:
         """Re-sync to the live ``text`` (everything after the committed part) after a
         keystroke, an edit or a paste: only words after the common prefix are fed.
         ``complete_known`` picks the one-shot rule."""
         words, self._partial = self.split_partial(text)
-        if complete_known and self._partial in self.tok.word_to_id:
+        if complete_known and self._read(self._partial) in self.tok.word_to_id:
             self._sync(words)
             if self._stands_alone(self._partial):
-                words, self._partial = words + [self._partial], ""
+                words, self._partial = words + [self._read(self._partial)], ""
         self._sync(words)
 
     def _stands_alone(self, word: str) -> bool:
@@ -384,13 +414,13 @@ class Predictor:
         begins are at most ODDS times as likely here as the word itself."""
         lp = self.log_probs()
         whole, longer = self.index.whole_and_longer(lp, word)
-        whole = max(whole, lp[self.tok.word_to_id[word]].exp().item())  # a blocked word is still a word
+        whole = max(whole, lp[self.tok.word_to_id[self._read(word)]].exp().item())  # a blocked word is still a word
         return longer <= ODDS * whole
 
     def commit(self) -> None:
         """The live text becomes fixed context; an unfinished word joins it as typed."""
         if self._partial:
-            self._sync(self._words[self._committed:] + [self._partial])
+            self._sync(self._words[self._committed:] + [self._read(self._partial)])
             self._partial = ""
         self._committed = len(self._ids)
 
@@ -557,7 +587,7 @@ class Predictor:
         for row, score in zip(beams.tolist(), scores.exp().tolist()):
             tokens = [self.tok.words[i] for i in row]
             if mode:
-                tokens[0] = self.index.shown(tokens[0], mode)
+                tokens[0] = self.index.shown(tokens[0], mode, self._partial)
             merged[tuple(tokens)] = merged.get(tuple(tokens), 0.0) + score
         ranked = sorted(merged.items(), key=lambda kv: -kv[1])
         return [Choice(self.tok.display(list(t)), p, t) for t, p in ranked]

@@ -7,7 +7,9 @@ import torch
 
 from lm import checkpoint
 from lm.cache import NeuralCache
+from lm.config import ModelConfig, TokenizerConfig
 from lm.errors import LMError
+from lm.model import LSTMLM
 from lm.predict import ODDS, RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
 from lm.tokenizer import Tokenizer
 
@@ -148,6 +150,32 @@ def test_completions_follow_the_typed_casing():
     assert shown("PRES") == [("PRESIDENT", 0.35), ("PRESS", 0.31), ("PRESLEY", 0.02)]
     assert shown("McD") == [("McDonald", 0.04)] and shown("mcd") == [("McDonald", 0.04)]
     assert shown("MCd") == [] and shown("x") == []
+
+
+def test_a_lower_case_model_follows_the_typed_casing():
+    tok = Tokenizer.train(["The President spoke to the press . McDonald sat ."] * 3, TokenizerConfig(lowercase=True))
+    model = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=8, head="full"), tok.vocab_size).eval()
+    p = Predictor(model, tok)
+    assert "president" in tok.word_to_id and "President" not in tok.word_to_id
+
+    def shown(text):
+        p.update(text)
+        return p.suggest(5)
+
+    s = shown("The Pres")
+    assert p.words == ["the"] and p.partial == s.prefix == "Pres"  # the model reads "the"; the prefix as typed
+    assert {c.text for c in s.items} == {"President", "Press"}
+    president = next(c for c in s.items if c.text == "President")
+    assert p.accept("The Pres", president) == "The President "
+    assert all(c.text.split()[0] in ("President", "Press") for c in p.phrases(2, 2))
+    assert {c.text for c in shown("THE PRES").items} == {"PRESIDENT", "PRESS"}
+    assert {c.text for c in shown("the pres").items} == {"president", "press"}
+    assert [c.text for c in shown("Ask McD").items] == ["McDonald"]  # mixed: the typed letters kept
+    p.update("The Pres")
+    p.commit()  # the unfinished word joins the text as the model reads it
+    assert p.words == ["the", "pres"] and p.text() == "the pres"
+    p.complete_text("The President", 3)  # one-shot: a whole word that nothing longer outweighs
+    assert p.words == ["the", "president"] and p.partial == ""
 
 
 def test_phrases_are_the_most_likely_word_pairs(tiny):
