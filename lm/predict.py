@@ -73,7 +73,8 @@ typed "Pres", "President" gets p(President) + p(president). Accepting it types t
 word as shown. A lower-case model (``--lowercase``) reads typed text folded, but the
 casing still comes from what was typed: "Pres" offers "President", "PRES" "PRESIDENT",
 and a mixed prefix keeps its letters ("McD" offers "McDonald" for "mcdonald").
-``<unk>``, ``<eos>`` and words on the block list (any casing) are never suggested.
+``<unk>``, ``<eos>`` and words on the block list (any casing; as in the vocabulary or
+as shown: "-" blocks "@-@") are never suggested.
 """
 from __future__ import annotations
 
@@ -194,6 +195,8 @@ class WordIndex:
         blocked = {w.strip().lower() for w in block if w.strip()}
         special = {tokenizer.unk_id, tokenizer.eos_id}
         ok = [i not in special and words[i].lower() not in blocked for i in range(len(words))]
+        if blocked:  # as shown too: "-" blocks "@-@"
+            ok = [ok[i] and tokenizer.display([words[i]]).lower() not in blocked for i in range(len(words))]
         self.suggestable = torch.tensor(ok)  # (V,)
         ids = [i for i in range(len(words)) if ok[i]]
         self.suggestable_ids = torch.tensor(ids, dtype=torch.long)

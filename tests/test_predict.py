@@ -129,6 +129,19 @@ def test_never_suggests_specials_nor_blocked_words(tiny):
     assert sum(c.prob for c in p.next_words(100)) <= 1 + 1e-6
 
 
+def test_a_block_entry_matches_a_word_as_shown_too():
+    tok = Tokenizer.train(["a well @-@ known 3 @,@ 000 , 2 @.@ 5 . - the"] * 3, TokenizerConfig(text="tokenized"))
+
+    def shown(block):
+        index = WordIndex(tok, block)
+        return {tok.words[i] for i in range(tok.vocab_size) if index.suggestable[i]}
+
+    assert {"@-@", "@,@", "@.@", ",", ".", "-"} <= shown([])
+    assert not {"@-@", "-", "@,@", ","} & shown(["-", ","])  # what the user sees
+    assert {"@.@", ".", "the"} <= shown(["-", ","])
+    assert "@.@" not in shown(["@.@"]) and "." in shown(["@.@"])  # the vocabulary form blocks only itself
+
+
 CASED = ["President president PRESIDENT Press press Presley McDonald the ."] * 3
 
 
