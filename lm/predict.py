@@ -179,14 +179,15 @@ def _prefix_range(keys: list[str], prefix: str) -> tuple[int, int]:
 
 
 class WordIndex:
-    """The vocabulary arranged for suggestions. Built once per model (about 0.1 s for
+    """The vocabulary arranged for suggestions. Built once per model (about 0.2 s for
     33k words) and shared by every predictor over it: the server makes one predictor
     per request.
 
     Prefix ranges come from bisecting sorted word lists (one exact, one lower-cased).
     For each case mode, ``groups[mode][i]`` is the id of the most frequent word shown
     the same way as word i (ids are in frequency order), so merging spellings is one
-    ``index_add``."""
+    ``index_add``; ``groups["next"]`` merges the next words that display alike ("@,@"
+    and "," both show as ",")."""
 
     def __init__(self, tokenizer: Tokenizer, block: Iterable[str] = ()):
         self.tok = tokenizer
@@ -194,9 +195,8 @@ class WordIndex:
         words = tokenizer.words
         blocked = {w.strip().lower() for w in block if w.strip()}
         special = {tokenizer.unk_id, tokenizer.eos_id}
-        ok = [i not in special and words[i].lower() not in blocked for i in range(len(words))]
-        if blocked:  # as shown too: "-" blocks "@-@"
-            ok = [ok[i] and tokenizer.display([words[i]]).lower() not in blocked for i in range(len(words))]
+        displayed = [tokenizer.display([w]) for w in words]  # "@-@" -> "-"
+        ok = [i not in special and not {words[i].lower(), displayed[i].lower()} & blocked for i in range(len(words))]
         self.suggestable = torch.tensor(ok)  # (V,)
         ids = [i for i in range(len(words)) if ok[i]]
         self.suggestable_ids = torch.tensor(ids, dtype=torch.long)
@@ -212,6 +212,16 @@ class WordIndex:
             for i in ids:  # frequency order: the first spelling met represents the group
                 group[i] = rep.setdefault((words[i].lower(), self.shown(words[i], mode)), i)
             self.groups[mode] = torch.tensor(group, dtype=torch.long)
+        shown_as: dict[str, int] = {}
+        group = list(range(len(words)))
+        for i in ids:
+            group[i] = shown_as.setdefault(displayed[i], i)
+        self.groups["next"] = torch.tensor(group, dtype=torch.long)
+        self._alike: dict[int, list[int]] = {}  # a group of several words shown alike -> its words
+        for i in ids:
+            if group[i] != i:
+                self._alike.setdefault(group[i], [group[i]]).append(i)
+        self._n_shown = len(shown_as)
 
     def shown(self, word: str, mode: str, prefix: str = "") -> str:
         """A vocabulary word as offered for ``prefix`` typed in ``mode``."""
@@ -261,12 +271,17 @@ class WordIndex:
         return _prefix_range(self._exact[0], prefix)
 
     def next_words(self, log_probs: Tensor, k: int) -> list[Choice]:
-        """The k most likely next words from (V,) log-probabilities."""
-        probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)
-        top = torch.topk(probs, min(k, self.suggestable_ids.numel()))
-        words = self.tok.words
-        return [Choice(self.tok.display([words[i]]), float(p), (words[i],))
-                for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        """The k most likely next words from (V,) log-probabilities, words shown alike
+        merged. The likelier of them here decides how the choice joins the text: after
+        "It is 3", "," stands for "@,@" ("3,000") rather than ","."""
+        probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)  # (V,)
+        merged = torch.zeros_like(probs).index_add_(0, self.groups["next"], probs)  # (V,)
+        top = torch.topk(merged, min(k, self._n_shown))
+        words, out = self.tok.words, []
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            i = max(self._alike.get(i, [i]), key=lambda j: probs[j].item())
+            out.append(Choice(self.tok.display([words[i]]), p, (words[i],)))
+        return out
 
     def completions(self, log_probs: Tensor, prefix: str, k: int) -> list[Choice]:
         """The k most likely words completing ``prefix``, spellings shown alike merged."""

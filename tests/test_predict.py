@@ -142,6 +142,26 @@ def test_a_block_entry_matches_a_word_as_shown_too():
     assert "@.@" not in shown(["@.@"]) and "." in shown(["@.@"])  # the vocabulary form blocks only itself
 
 
+def test_next_words_shown_alike_are_one_choice():
+    tok = Tokenizer.train(["It is 3 @,@ 000 , 2 @.@ 5 . well @-@ known - the"] * 3, TokenizerConfig(text="tokenized"))
+    index = WordIndex(tok)
+
+    def top(probs):
+        lp = torch.full((tok.vocab_size,), -50.0)
+        for w, q in probs.items():
+            lp[tok.word_to_id[w]] = torch.tensor(q).log()
+        return [(c.text, round(c.prob, 4), c.tokens) for c in index.next_words(lp, 3)]
+
+    # the likelier spelling stands for both: "@,@" glues ("3,000"), "," is followed by a space
+    assert top({"the": 0.35, "@,@": 0.3, ",": 0.1, "000": 0.05}) == [
+        (",", 0.4, ("@,@",)), ("the", 0.35, ("the",)), ("000", 0.05, ("000",))]
+    assert top({"the": 0.35, "@,@": 0.1, ",": 0.3, "-": 0.2, "@-@": 0.02}) == [
+        (",", 0.4, (",",)), ("the", 0.35, ("the",)), ("-", 0.22, ("-",))]
+    every = index.next_words(torch.zeros(tok.vocab_size).log_softmax(0), 100)
+    suggestable_mass = index.suggestable.float().mean().item()  # uniform: all but <unk> and <eos>
+    assert len({c.text for c in every}) == len(every) and sum(c.prob for c in every) == pytest.approx(suggestable_mass)
+
+
 CASED = ["President president PRESIDENT Press press Presley McDonald the ."] * 3
 
 
