@@ -613,8 +613,9 @@ class Predictor:
     # -- accepting a suggestion ----------------------------------------------------------
     def accept(self, text: str, choice: Choice) -> str:
         """``text`` after accepting ``choice``: an unfinished word at the end is replaced,
-        the choice is joined by the display rules ("Hello" + "," -> "Hello,") and a
-        space follows unless the choice glues to what comes next ("(", "-")."""
+        the choice is joined by the display rules ("Hello" + "," -> "Hello,"), though
+        a space the user typed stays unless the choice glues to the word before it,
+        and a space follows unless the choice glues to what comes next ("(", "-")."""
         words, partial = self.split_partial(text)
         after = " " if self.tok.display([choice.tokens[-1], "x"]).endswith(" x") else ""
         if partial and text[-len(partial):].lower() == partial.lower():
@@ -622,6 +623,9 @@ class Predictor:
         prev = words[-8:]
         left, both = self.tok.display(prev), self.tok.display(prev + list(choice.tokens))
         if prev and both.startswith(left):
+            glues = not self.tok.display(["x", choice.tokens[0]]).startswith("x ")  # ",", "'s"
+            if text[-1].isspace() and not glues:  # the space typed after "(" stays: "( a"
+                return text + both[len(left):].lstrip() + after
             return text.rstrip() + both[len(left):] + after
         sep = "" if not text or text[-1].isspace() else " "
         return text + sep + choice.text + after

@@ -10,7 +10,7 @@ from lm.cache import NeuralCache
 from lm.config import ModelConfig, TokenizerConfig
 from lm.errors import LMError
 from lm.model import LSTMLM
-from lm.predict import ODDS, RAMP, STRIDE, TAIL, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
+from lm.predict import ODDS, RAMP, STRIDE, TAIL, Choice, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
 from lm.tokenizer import Tokenizer
 
 
@@ -244,6 +244,16 @@ def test_accepting_a_suggestion_types_it_naturally(tiny):
     p.update("")
     the = next(c for c in p.next_words(20) if c.text == "the")
     assert p.accept("", the) == "the "
+
+
+def test_a_space_typed_after_an_opening_bracket_stays_when_accepting(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    cat = Choice("cat", 0.5, ("cat",))
+    assert p.accept("the ( ", cat) == "the ( cat "  # was "the (cat ": the typed space removed
+    assert p.accept("the (", cat) == "the (cat "
+    assert p.accept("the dog ", cat) == "the dog cat "
+    assert p.accept("the dog ", Choice(".", 0.5, (".",))) == "the dog. "  # a glued choice still takes it
 
 
 def test_split_rules_keyboard_and_one_shot(tiny):
