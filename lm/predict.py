@@ -70,9 +70,11 @@ mixed ("McD", "iPh")        exactly as typed     as in the vocabulary ("McDonald
 
 Spellings shown the same way are one suggestion whose probability is the sum of theirs:
 typed "Pres", "President" gets p(President) + p(president). Accepting it types the
-word as shown. A lower-case model (``--lowercase``) reads typed text folded, but the
-casing still comes from what was typed: "Pres" offers "President", "PRES" "PRESIDENT",
-and a mixed prefix keeps its letters ("McD" offers "McDonald" for "mcdonald").
+word as shown. A clitic is offered only after a word it can follow in English
+spelling (``clitic_fits``): after "I don'", "'t" and "'s", never "'ve" ("don've"). A
+lower-case model (``--lowercase``) reads typed text folded, but the casing still comes
+from what was typed: "Pres" offers "President", "PRES" "PRESIDENT", and a mixed prefix
+keeps its letters ("McD" offers "McDonald" for "mcdonald").
 ``<unk>``, ``<eos>`` and words on the block list (any casing; as in the vocabulary or
 as shown: "-" blocks "@-@") are never suggested.
 """
@@ -108,6 +110,19 @@ ODDS = 2.0  # one-shot rule: a last word is unfinished when longer words are > O
 MAX_TEXT_BYTES = 4 << 20  # of a file read as a prompt or to learn from: its last 4 MiB
 _LAST = "\U0010ffff"  # sorts after every character: [key, key + _LAST) is the prefix range
 _CASE_MODES = ("lower", "capital", "upper")
+# The words an English clitic may follow (WikiText splits "I'm" as "I 'm", "don't" as
+# "don 't"): "'t" follows a word ending in n (don't, isn't, can't, won't), "'s" any word
+# (the dog's, it's), the others the words below (pronouns, wh-words, there, here, and
+# the modals before "'ve"). Past tenses such as "pass'd", rare in WikiText, are left out.
+_WH = "who what where when why how there here"
+_WILL = frozenset(f"i you he she it we they that this {_WH}".split())  # 'll, 'd (will, would, had)
+_CLITIC_HOSTS = {
+    "'m": frozenset(["i"]),
+    "'re": frozenset(f"you we they {_WH}".split()),
+    "'ve": frozenset(f"i you we they {_WH} could would should might must".split()),
+    "'ll": _WILL,
+    "'d": _WILL,
+}
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,16 @@ def case_mode(prefix: str) -> str:
     return "exact"
 
 
+def clitic_fits(word: str, token: str) -> bool:
+    """Whether ``token`` may follow ``word``: false only for a clitic ("'t", "'ve" ...)
+    that English does not spell after it ("don've", "dog're")."""
+    clitic, word = token.lower(), word.lower()
+    if clitic == "'t":
+        return word.endswith("n")
+    hosts = _CLITIC_HOSTS.get(clitic)
+    return hosts is None or word in hosts
+
+
 def _prefix_range(keys: list[str], prefix: str) -> tuple[int, int]:
     lo = bisect.bisect_left(keys, prefix)
     return lo, bisect.bisect_left(keys, prefix + _LAST, lo)
@@ -222,6 +247,7 @@ class WordIndex:
             if group[i] != i:
                 self._alike.setdefault(group[i], [group[i]]).append(i)
         self._n_shown = len(shown_as)
+        self._clitics = [i for i in ids if words[i].lower() == "'t" or words[i].lower() in _CLITIC_HOSTS]
 
     def shown(self, word: str, mode: str, prefix: str = "") -> str:
         """A vocabulary word as offered for ``prefix`` typed in ``mode``."""
@@ -243,12 +269,20 @@ class WordIndex:
             return *self._exact, prefix, mode
         return *self._folded, prefix.lower(), mode
 
-    def prefix_ids(self, prefix: str) -> tuple[Tensor, str]:
-        """Ids of the suggestable words matching ``prefix`` (every spelling), and the
-        case mode."""
+    def prefix_ids(self, prefix: str, after: str | None = None) -> tuple[Tensor, str]:
+        """Ids of the suggestable words matching ``prefix`` (every spelling), but no
+        clitic that cannot follow the word ``after``, and the case mode."""
         keys, ids, key, mode = self._keys(prefix)
         lo, hi = _prefix_range(keys, key)
-        return ids[lo:hi], mode
+        ids = ids[lo:hi]
+        misfits = self.misfits(after) if prefix[:1] in ("", "'") else []
+        if misfits:
+            ids = ids[~torch.isin(ids, torch.tensor(misfits))]
+        return ids, mode
+
+    def misfits(self, after: str | None) -> list[int]:
+        """Ids of the clitics that cannot follow the word ``after`` (None: no word before)."""
+        return [] if after is None else [i for i in self._clitics if not clitic_fits(after, self.tok.words[i])]
 
     def whole_and_longer(self, log_probs: Tensor, prefix: str) -> tuple[float, float]:
         """From (V,) log-probabilities: the probability of ``prefix`` as a whole word and
@@ -270,22 +304,25 @@ class WordIndex:
         ``sorted_ids``."""
         return _prefix_range(self._exact[0], prefix)
 
-    def next_words(self, log_probs: Tensor, k: int) -> list[Choice]:
-        """The k most likely next words from (V,) log-probabilities, words shown alike
-        merged. The likelier of them here decides how the choice joins the text: after
-        "It is 3", "," stands for "@,@" ("3,000") rather than ","."""
+    def next_words(self, log_probs: Tensor, k: int, after: str | None = None) -> list[Choice]:
+        """The k most likely next words from (V,) log-probabilities after the word
+        ``after``, words shown alike merged. The likelier of them here decides how the
+        choice joins the text: after "It is 3", "," stands for "@,@" ("3,000")."""
         probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)  # (V,)
+        misfits = self.misfits(after)
+        probs[misfits] = 0.0
         merged = torch.zeros_like(probs).index_add_(0, self.groups["next"], probs)  # (V,)
-        top = torch.topk(merged, min(k, self._n_shown))
+        top = torch.topk(merged, min(k, self._n_shown - len(misfits)))  # a clitic is a group of its own
         words, out = self.tok.words, []
         for p, i in zip(top.values.tolist(), top.indices.tolist()):
             i = max(self._alike.get(i, [i]), key=lambda j: probs[j].item())
             out.append(Choice(self.tok.display([words[i]]), p, (words[i],)))
         return out
 
-    def completions(self, log_probs: Tensor, prefix: str, k: int) -> list[Choice]:
-        """The k most likely words completing ``prefix``, spellings shown alike merged."""
-        ids, mode = self.prefix_ids(prefix)
+    def completions(self, log_probs: Tensor, prefix: str, k: int, after: str | None = None) -> list[Choice]:
+        """The k most likely words completing ``prefix`` after the word ``after``,
+        spellings shown alike merged."""
+        ids, mode = self.prefix_ids(prefix, after)
         if ids.numel() == 0:
             return []
         probs = log_probs[ids].exp()  # (R,)
@@ -567,12 +604,17 @@ class Predictor:
             lp = torch.logaddexp(self.memory.mix(lp, features.float()) + math.log(r), lp + math.log1p(-r))
         return lp.cpu()
 
+    @property
+    def _last(self) -> str | None:
+        """The word before the current position, which decides the clitics offered."""
+        return self._words[-1] if self._words else None
+
     def next_words(self, k: int) -> list[Choice]:
-        return self.index.next_words(self.log_probs(), k)
+        return self.index.next_words(self.log_probs(), k, self._last)
 
     def completions(self, prefix: str, k: int) -> list[Choice]:
         """The k most likely words starting with ``prefix`` at the current position."""
-        return self.index.completions(self.log_probs(), prefix, k)
+        return self.index.completions(self.log_probs(), prefix, k, self._last)
 
     def suggest(self, k: int) -> Suggestions:
         """What a keyboard shows now: completions inside a word, else next words."""
@@ -585,7 +627,8 @@ class Predictor:
         """Up to k likely continuations of ``n_words`` words (inside a word, the first
         completes it), by a beam search of width k over the joint probability; phrases
         shown alike are merged. Costs n_words - 1 model steps of batch k."""
-        first, mode = self.index.prefix_ids(self._partial) if self._partial else (self.index.suggestable_ids, "")
+        first, mode = self.index.prefix_ids(self._partial, self._last)
+        mode = mode if self._partial else ""
         if first.numel() == 0:
             return []
         scores = self.log_probs()[first]  # (R,)

@@ -10,7 +10,8 @@ from lm.cache import NeuralCache
 from lm.config import ModelConfig, TokenizerConfig
 from lm.errors import LMError
 from lm.model import LSTMLM
-from lm.predict import ODDS, RAMP, STRIDE, TAIL, Choice, Predictor, WordIndex, case_mode, keystroke_latency, read_user_text
+from lm.predict import (ODDS, RAMP, STRIDE, TAIL, Choice, Predictor, WordIndex, case_mode, clitic_fits,
+                        keystroke_latency, read_user_text)
 from lm.tokenizer import Tokenizer
 
 
@@ -254,6 +255,30 @@ def test_a_space_typed_after_an_opening_bracket_stays_when_accepting(tiny):
     assert p.accept("the (", cat) == "the (cat "
     assert p.accept("the dog ", cat) == "the dog cat "
     assert p.accept("the dog ", Choice(".", 0.5, (".",))) == "the dog. "  # a glued choice still takes it
+
+
+def test_clitics_are_offered_only_where_english_spells_them():
+    tok = Tokenizer.train(["I don 't know . you 're here . I 've seen the dog 's bone ' . we 'll go . he 'd go . "
+                           "I 'm here . the dog"] * 3, TokenizerConfig(text="tokenized"))
+    model = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=8, head="full"), tok.vocab_size).eval()
+    p = Predictor(model, tok)
+    clitics = {"'t", "'s", "'re", "'ve", "'ll", "'d", "'m"}
+
+    def offered(text):
+        p.update(text)
+        return {c.text for c in p.suggest(100).items} | {c.tokens[0] for c in p.phrases(100, 1)}
+
+    assert offered("I don'") == {"'t", "'s", "'"}  # not "don've", "don'll"
+    assert offered("the dog'") == {"'s", "'"}
+    assert offered("you'") == {"'re", "'ve", "'ll", "'d", "'s", "'"}
+    assert offered("I'") == {"'m", "'ve", "'ll", "'d", "'s", "'"}
+    assert offered("I don ") & clitics == {"'t", "'s"}  # next words too
+    assert clitics <= offered("")  # no word before: nothing to judge by
+    assert [clitic_fits("DON", "'T"), clitic_fits("isn", "'ll"), clitic_fits("Who", "'d"), clitic_fits("x", "'em")] == [
+        True, False, True, True]
+    p.update("I don'")
+    t = next(c for c in p.suggest(5).items if c.text == "'t")
+    assert p.accept("I don'", t) == "I don't "
 
 
 def test_split_rules_keyboard_and_one_shot(tiny):
