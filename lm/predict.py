@@ -661,8 +661,9 @@ class Predictor:
         and a space follows unless the choice glues to what comes next ("(", "-")."""
         words, partial = self.split_partial(text)
         after = " " if self.tok.display([choice.tokens[-1], "x"]).endswith(" x") else ""
-        if partial and text[-len(partial):].lower() == partial.lower():
-            return text[: -len(partial)] + choice.text + after
+        start = _start_of(text, partial) if partial else None
+        if start is not None:
+            return text[:start] + choice.text + after
         prev = words[-8:]
         left, both = self.tok.display(prev), self.tok.display(prev + list(choice.tokens))
         if prev and both.startswith(left):
@@ -672,6 +673,18 @@ class Predictor:
             return text.rstrip() + both[len(left):] + after
         sep = "" if not text or text[-1].isspace() else " "
         return text + sep + choice.text + after
+
+
+def _start_of(text: str, partial: str) -> int | None:
+    """Where the unfinished word ``partial`` starts at the end of ``text``, which may
+    hold characters the split drops: "the pre\u00ads" (a soft hyphen) ends in "pres"."""
+    n, key = len(partial), partial.lower()
+    if text[-n:].lower() == key:
+        return len(text) - n
+    for i in range(len(text) - n - 1, max(-1, len(text) - 4 * n - 16), -1):  # the shortest end that reads so
+        if pretokenize(text[i:]).lower() == key:
+            return i
+    return None
 
 
 def keystroke_latency(predictor: Predictor, text: str, max_chars: int = 20_000, k: int = 5,

@@ -257,6 +257,16 @@ def test_a_space_typed_after_an_opening_bracket_stays_when_accepting(tiny):
     assert p.accept("the dog ", Choice(".", 0.5, (".",))) == "the dog. "  # a glued choice still takes it
 
 
+def test_accepting_replaces_a_partial_word_holding_a_soft_hyphen(tiny):
+    model, tok = tiny
+    p = Predictor(model, tok)
+    for text in ("the pre\u00ads", "the p\u00adre\u00ads"):
+        p.update(text)
+        assert p.partial == "pres"
+        president = next(c for c in p.suggest(5).items if c.text == "president")
+        assert p.accept(text, president) == "the president "  # was "the pre\u00ads president "
+
+
 def test_clitics_are_offered_only_where_english_spells_them():
     tok = Tokenizer.train(["I don 't know . you 're here . I 've seen the dog 's bone ' . we 'll go . he 'd go . "
                            "I 'm here . the dog"] * 3, TokenizerConfig(text="tokenized"))
