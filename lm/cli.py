@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_json(summary)
     else:
         best = summary["best_valid_ppl"]
-        print(f"done: {summary['epochs']} epoch(s), {summary['steps']:,} steps in {summary['minutes']:.1f} min "
+        print(f"done: {summary['epochs']:g} epoch(s), {summary['steps']:,} steps in {summary['minutes']:.1f} min "
               f"({summary['stopped']}); best valid ppl {fmt_ppl(best)} -> {summary['checkpoint']}"
               if best is not None else f"stopped before the first evaluation ({summary['stopped']})"
               + (f"; saved {summary['checkpoint']}" if summary["checkpoint"] else ""))
