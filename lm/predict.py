@@ -558,7 +558,10 @@ class Predictor:
         kept (its last ``window`` words, read with ``WARMUP`` words of context first)."""
         if self.memory is None:
             raise LMError("session learning is off (--cache-lambda 0): nothing to learn into")
-        ids = [self.tok.eos_id] + self.tok.encode_typed(text) + [self.tok.eos_id]
+        words = self.tok.encode_typed(text)
+        if not any(i != self.tok.eos_id for i in words):
+            raise LMError("the text has no words to learn from")
+        ids = [self.tok.eos_id] + words + [self.tok.eos_id]
         ids = ids[-(self.memory.window + WARMUP + 1):]
         features, _ = self._run(ids[:-1], None)  # (T, D): features[i] predicts ids[i + 1]
         keep = min(self.memory.window, len(ids) - 1)

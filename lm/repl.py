@@ -151,7 +151,7 @@ class Repl:
 
     def _temperature(self, arg: str) -> str:
         try:
-            t = float(arg)
+            t = float(arg) + 0.0  # -0 is 0
             SampleConfig(temperature=t).validate()
         except (ValueError, LMError):
             return f"usage: :temp T with T from 0 (greedy) to 100 (now {self.sample.temperature:g})"

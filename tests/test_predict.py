@@ -364,6 +364,9 @@ def test_session_memory_learns_and_lambda_zero_is_the_plain_model(tiny):
     assert 0 < moved <= 0.9 * 6 / (6 + RAMP) + 1e-6  # |p_mixed - p_model| <= the memory's weight
     with pytest.raises(Exception, match="session learning is off"):
         plain.learn("text")
+    for empty in ("", "\n\n", "  \t \n"):  # an empty file was "learned: 1 words" (an <eos>)
+        with pytest.raises(Exception, match="has no words to learn from"):
+            on.learn(empty)
 
 
 def test_forks_do_not_share_text(tiny):

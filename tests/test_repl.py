@@ -36,7 +36,7 @@ def lines_out(pred, script: str) -> list[str]:
 
 def test_odd_input_never_breaks_the_one_line_rule(pred, tmp_path):
     odd = ["", "   ", "\x00\x01\x1b[31m\x7f", "the\tcat\x0bsat", "😀 ünïcödé ?!", "x" * (MAX_LINE + 5),
-           "the cat\r", ":", ": k", ":k 0", ":temp hot", ":temp 0", ":gen 3", ":gen 9999",
+           "the cat\r", ":", ": k", ":k 0", ":temp hot", ":temp -0", ":gen 3", ":gen 9999",
            f":learn {tmp_path / 'missing.txt'}", ":learn", ":context", "a " * 5000, ":k \u00b2", ":gen \u00b2"]
     out = lines_out(pred, "\n".join(odd) + "\n")
     assert len(out) == len(odd)
