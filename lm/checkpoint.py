@@ -253,7 +253,7 @@ def describe(path: str | Path) -> dict:
     finished = None  # why resuming would train nothing, and what would let it go on
     if resumable and state.get("epoch", 1) > cfg.train.epochs:
         finished = f"all {cfg.train.epochs} epochs done: resume with a larger --epochs to train on"
-    elif resumable and "bad_evals" in state:
+    elif resumable and "bad_evals" in state and "elapsed" in state:
         finished = _ended(cfg.train, state) or None
     return {
         "file": str(file), "bytes": file.stat().st_size, "lm_version": ckpt.get("lm_version"),

@@ -52,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.run) if args.run else default_run_dir(cfg)
     summary = train(cfg, run, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
                     log=(lambda *a: None) if args.json else print)
+    if int(os.environ.get("RANK", "0")):  # torchrun's other ranks: rank 0 alone reports, as it alone logs
+        return 0
     if args.json:
         _print_json(summary)
     else:

@@ -169,7 +169,13 @@ def min_lr(tc) -> float:
 
 def _ended(tc, state: dict) -> str:
     """Why a saved run that stopped early stays stopped under ``tc``, with what would
-    let it go on; "" if it may train."""
+    let it go on; "" if it may train. (Without this a resume would take a step before
+    the loop's own checks: one more step past --max-steps on every resume.)"""
+    if tc.max_steps and state["step"] >= tc.max_steps:
+        return f"--max-steps {tc.max_steps} is reached: resume with a larger --max-steps (or 0) to train on"
+    if tc.max_minutes and state["elapsed"] >= tc.max_minutes * 60:
+        return (f"--max-minutes {tc.max_minutes:g} is reached: resume with a larger --max-minutes (or 0) "
+                "to train on")
     if tc.optimizer != "ntasgd" and state["lr"] < min_lr(tc):
         return (f"its learning rate {state['lr']:.3g} is below --min-lr {min_lr(tc):.3g}: resume with a lower "
                 "--min-lr to train on")

@@ -83,6 +83,15 @@ def test_a_run_that_stopped_early_stays_stopped_on_resume_until_the_rule_is_lift
     assert resumed["steps"] > step and resumed["epochs"] == 4
 
 
+def test_resuming_a_run_that_reached_max_steps_takes_no_step_past_it(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    lm("train", "--corpus", tiny_corpus, "--run", run, *FLAGS[:FLAGS.index("--epochs")], "--max-steps", "5", "--quiet")
+    for _ in range(2):  # each resume took one more step (6, then 7), each "--max-steps 5 reached"
+        again = json.loads(lm("train", "--resume", run, "--json", "--quiet").stdout)
+        assert again["steps"] == 5 and "--max-steps 5 is reached: resume with a larger --max-steps" in again["stopped"]
+    assert json.loads(lm("train", "--resume", run, "--max-steps", "7", "--json", "--quiet").stdout)["steps"] == 7
+
+
 def test_the_min_lr_rule_does_not_end_a_run_that_starts_below_it():
     # AdamW's rates sit below the default --min-lr (0.01): its first plateau must not end the run
     tc = TrainConfig(optimizer="adamw", lr=0.003, lr_decay=0.1)
