@@ -71,7 +71,8 @@ def _check_resume_flags(args: argparse.Namespace, run: Path) -> None:
     for flag, given in (("--config", args.config), ("--recipe", args.recipe)):
         if given:
             raise ConfigError(f"{flag} does not apply with --resume: a resumed run keeps the config it was "
-                              "trained with; give budget changes as flags (--epochs, --max-steps, --max-minutes)")
+                              "trained with; give budget changes as flags (--epochs, --max-steps, --max-minutes; also "
+                              "--min-lr, --patience, --max-rollbacks)")
     # the same folder again is no change (torchrun launches pass --run-dir and --resume alike)
     if args.run and Path(args.run).expanduser().resolve() != run.resolve():
         raise ConfigError(f"--run {args.run} does not apply with --resume: the run is the one --resume names "
@@ -664,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
     c.add_argument("text", help='text typed so far, e.g. "the president of the" or "the pres"')
     c.add_argument("--k", type=int, default=5, help="suggestions to show, 1 to 1,000 (default: 5)")
-    c.add_argument("--json", action="store_true", help="a JSON list of {word, prob}")
+    c.add_argument("--json", action="store_true", help="JSON, as /complete answers: {kind, prefix, suggestions: [{word, prob}]}")
     _predictor_flags(c, learn=False)
     c.set_defaults(func=cmd_complete)
 

@@ -71,7 +71,8 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
         changed = [k for k, v in fixed.items() if saved.get(section, {}).get(k) != v]
         if changed:
             raise ConfigError(f"--{changed[0].replace('_', '-')} cannot change when resuming; only "
-                              "budgets (--epochs, --max-steps, --max-minutes) and logistics can")
+                              "budgets (--epochs, --max-steps, --max-minutes), stopping rules (--min-lr, --patience, "
+                              "--max-rollbacks) and logistics (--threads, --device, --bf16, --save-every, --log-every) can")
     return Config.from_dict(merge(saved, overrides)).validate()
 
 

@@ -109,7 +109,7 @@ def test_resume_refuses_the_flags_it_would_ignore(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, run)
     before = (run / "last.pt").read_bytes()
     (tmp_path / "c.toml").write_text("[train]\nepochs = 4\nlr = 1.0\n")
-    budget = "give budget changes as flags (--epochs, --max-steps, --max-minutes)"
+    budget = "give budget changes as flags (--epochs, --max-steps, --max-minutes; also --min-lr"
     for extra, says in ((["--config", tmp_path / "c.toml"], "--config does not apply with --resume: "),
                         (["--recipe", "wt2-cpu"], f"--recipe does not apply with --resume: a resumed run keeps "
                                                   f"the config it was trained with; {budget}"),
