@@ -739,7 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     # The hub client logs each failed request and retry; its failure reaches the user as
     # one line (HF_HUB_VERBOSITY=warning shows them again).
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command that was given them, not by "lm" (which argparse does)
+        prog = " ".join(["lm", args.command] + ([args.action] if getattr(args, "action", None) else []))
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     try:
         return args.func(args)
     except LMError as e:

@@ -243,3 +243,10 @@ build_parser().parse_args(["info", "x.pt"])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_an_unknown_flag_is_reported_by_its_command():
+    for argv, prog in ((["train", "--bogus"], "lm train"), (["ngram", "train", "x", "--bogus", "1"], "lm ngram train")):
+        proc = run_lm(*argv)
+        assert_one_line_error(proc, 2, f"{prog}: error: unrecognized arguments: {' '.join(argv[argv.index('--bogus'):])} "
+                                       f"(see {prog} --help)")
