@@ -541,7 +541,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from lm.data import cache_dir, corpus_stats, load_tokenizer
     from lm.train import build_config
 
-    cfg = build_config({"data": {"corpus": args.name}}, overrides_from_args(args))
+    held = {} if args.held_out is None else {"held_out": args.held_out}  # as lm train --held-out splits it
+    cfg = build_config({"data": {"corpus": args.name, **held}}, overrides_from_args(args))
     corpus = open_corpus(args.name, strict=args.strict, held_out=cfg.data.held_out)
     tokenizer = load_tokenizer(corpus, cfg.tokenizer)
     stats = corpus_stats(corpus, tokenizer, progress=not args.json)
@@ -687,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("action", choices=("list", "info", "prepare"), help="list the corpora, describe one, or prepare its token caches")
     co.add_argument("name", nargs="?", help="registered name, directory or file")
     co.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
+    co.add_argument("--held-out", type=float, metavar="F",
+                    help="fraction of lines held out for valid and for test when there are no split files, "
+                         "as lm train --held-out (default: 0.05)")
     add_flags(co, TokenizerConfig, "tokenizer")
     co.add_argument("--json", action="store_true", help="print the result as JSON")
     co.set_defaults(func=cmd_corpus)

@@ -288,3 +288,14 @@ def test_a_mistyped_registry_entry_is_a_one_line_error_naming_its_file(tmp_path,
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=f"registry entry .*mine.toml: {re.escape(says)}"):
         open_corpus("mine")
+
+
+def test_corpus_info_splits_a_file_as_train_would_with_held_out(tmp_path, capsys):
+    from lm.cli import main
+
+    (tmp_path / "notes.txt").write_text("".join(f"line number {i} of my notes\n" for i in range(200)))
+    counts = {}
+    for held in (None, "0.2"):
+        assert main(["corpus", "info", str(tmp_path / "notes.txt"), "--json"] + (["--held-out", held] if held else [])) == 0
+        counts[held] = json.loads(capsys.readouterr().out)["tokens"]
+    assert counts[None]["valid"] == 10 * 7 and counts["0.2"]["valid"] == 40 * 7  # 5% and 20% of 200 lines of 6 words
