@@ -433,7 +433,7 @@ class Predictor:
         words = self.tok.typed_words(text)
         if not words or text[-1].isspace():
             return words, ""
-        inside = text[-1] == "'" or unicodedata.category(text[-1])[0] in "LNM"
+        inside = text[-1] in "'\u2019" or unicodedata.category(text[-1])[0] in "LNM"
         if not inside:
             return words, ""
         return words[:-1], self._as_typed(text, words[-1]) if self.tok.lowercase else words[-1]
@@ -682,6 +682,7 @@ def _start_of(text: str, partial: str) -> int | None:
     """Where the unfinished word ``partial`` starts at the end of ``text``, which may
     hold characters the split drops: "the pre\u00ads" (a soft hyphen) ends in "pres"."""
     n, key = len(partial), partial.lower()
+    text = text.replace("\u2019", "'")  # a typed "it’" reads as "it'" (Tokenizer.typed_words); same length
     if text[-n:].lower() == key:
         return len(text) - n
     for i in range(len(text) - n - 1, max(-1, len(text) - 4 * n - 16), -1):  # the shortest end that reads so

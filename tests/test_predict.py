@@ -267,6 +267,17 @@ def test_accepting_replaces_a_partial_word_holding_a_soft_hyphen(tiny):
         assert p.accept(text, president) == "the president "  # was "the pre\u00ads president "
 
 
+def test_a_typographic_apostrophe_completes_and_accepts_like_a_straight_one():
+    tok = Tokenizer.train(["I don 't know . it 's here . he 's gone ."] * 3, TokenizerConfig(text="tokenized"))
+    model = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=8, head="full"), tok.vocab_size).eval()
+    p = Predictor(model, tok)
+    for text in ("I don’", "I don'"):
+        s = p.complete_text(text, 3)
+        assert (s.kind, s.prefix) == ("complete", "'") and "'t" in [c.text for c in s.items]
+        t = next(c for c in s.items if c.text == "'t")
+        assert p.accept(text, t) == "I don't "  # was "I don’'t ": the curly one was not found to replace
+
+
 def test_clitics_are_offered_only_where_english_spells_them():
     tok = Tokenizer.train(["I don 't know . you 're here . I 've seen the dog 's bone ' . we 'll go . he 'd go . "
                            "I 'm here . the dog"] * 3, TokenizerConfig(text="tokenized"))

@@ -105,6 +105,14 @@ def test_typed_text_meets_a_tokenized_vocabulary():
     assert tok.encode_typed("Hello\nworld") == [tok.word_to_id["Hello"], tok.eos_id, tok.word_to_id["world"]]
 
 
+def test_a_typographic_apostrophe_in_a_word_reads_as_the_corpus_apostrophe():
+    tok = Tokenizer.train(["It 's fine . I don 't know ."], TokenizerConfig(text="tokenized"))
+    assert tok.typed_words("It’s fine. I don’t") == tok.typed_words("It's fine. I don't") == \
+        ["It", "'s", "fine", ".", "I", "don", "'t"]
+    assert tok.typed_words("O’Brien and the Girls’") == ["O'Brien", "and", "the", "Girls", "'"]
+    assert tok.typed_words("‘quoted’ text") == ["‘", "quoted", "’", "text"]  # quotation marks stay as they are
+
+
 def test_lowercase_folds_training_and_typed_text_and_is_stored():
     tok = Tokenizer.train(["the cat sat"], TokenizerConfig(text="tokenized", lowercase=True))
     assert tok.encode_typed("The CAT sat") == tok.encode_line("the cat sat")
