@@ -242,7 +242,7 @@ def describe(path: str | Path) -> dict:
     """What a checkpoint holds, without a corpus: its file, the model and tokenizer (it
     is rebuilt, so a checkpoint this lm cannot run is refused here too), the training it
     had, its last validation, and whether ``lm train --resume`` can continue it."""
-    from lm.train import _ended  # (lm.train imports this module)
+    from lm.train import why_stopped  # here: lm.train imports this module
 
     file = resolve(path)
     ckpt = load(file)
@@ -250,11 +250,9 @@ def describe(path: str | Path) -> dict:
     metrics, state = ckpt.get("metrics") or {}, ckpt.get("state") or {}
     m = cfg.model
     resumable = bool(state) and "optimizer" in ckpt
-    finished = None  # why resuming would train nothing, and what would let it go on
-    if resumable and state.get("epoch", 1) > cfg.train.epochs:
-        finished = f"all {cfg.train.epochs} epochs done: resume with a larger --epochs to train on"
-    elif resumable and "bad_evals" in state and "elapsed" in state:
-        finished = _ended(cfg.train, state) or None
+    # why resuming would train nothing, and what would let it go on (older checkpoints lack some keys)
+    known = resumable and {"epoch", "step", "elapsed", "lr", "bad_evals"} <= state.keys()
+    finished = (why_stopped(cfg.train, state) or None) if known else None
     return {
         "file": str(file), "bytes": file.stat().st_size, "lm_version": ckpt.get("lm_version"),
         "format_version": ckpt["version"],

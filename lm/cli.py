@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.run) if args.run else default_run_dir(cfg)
     summary = train(cfg, run, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
                     log=(lambda *a: None) if args.json else print)
-    if int(os.environ.get("RANK", "0")):  # torchrun's other ranks: rank 0 alone reports, as it alone logs
+    if summary.get("rank"):  # torchrun's other ranks: rank 0 alone reports, as it alone logs
         return 0
     if args.json:
         _print_json(summary)
@@ -102,8 +102,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # -- info --------------------------------------------------------------------------------
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lm.evaluate import fmt_ppl
     from lm.checkpoint import describe
+    from lm.evaluate import fmt_ppl
 
     d = describe(args.checkpoint)
     if args.json:
@@ -132,11 +132,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- eval --------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lm.evaluate import fmt_ppl
     from lm.checkpoint import load_model
     from lm.corpus import open_corpus
     from lm.data import token_stream, word_count
-    from lm.evaluate import add_word_level, evaluate, write_token_dump
+    from lm.evaluate import add_word_level, evaluate, fmt_ppl, write_token_dump
     from lm.train import set_threads
 
     _refuse_unused_eval_flags(args)
@@ -283,6 +282,7 @@ def _eval_methods(args: argparse.Namespace, model, tokenizer, corpus, stream, co
 
 def _print_eval_methods(r: dict) -> None:
     from lm.evaluate import fmt_ppl
+
     if "cache_tuning" in r:
         t = r["cache_tuning"]
         print(f"cache tuned on valid: theta {t['theta']:g}, lambda {t['lambda']:g} -> valid ppl {fmt_ppl(t['ppl'])} "
@@ -350,9 +350,9 @@ def _ngram_source(args: argparse.Namespace):
 
 
 def cmd_ngram_eval(args: argparse.Namespace) -> int:
-    from lm.evaluate import fmt_ppl
     from lm.corpus import open_corpus
     from lm.data import token_stream
+    from lm.evaluate import fmt_ppl
     from lm.ngram import KneserNey
 
     _refuse_unused_eval_flags(args)

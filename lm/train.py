@@ -168,10 +168,12 @@ def min_lr(tc) -> float:
     return tc.min_lr if tc.min_lr < tc.lr else tc.lr * MIN_LR_RATIO
 
 
-def _ended(tc, state: dict) -> str:
+def why_stopped(tc, state: dict) -> str:
     """Why a saved run that stopped early stays stopped under ``tc``, with what would
     let it go on; "" if it may train. (Without this a resume would take a step before
     the loop's own checks: one more step past --max-steps on every resume.)"""
+    if state["epoch"] > tc.epochs:
+        return f"all {tc.epochs} epochs done: resume with a larger --epochs to train on"
     if tc.max_steps and state["step"] >= tc.max_steps:
         return f"--max-steps {tc.max_steps} is reached: resume with a larger --max-steps (or 0) to train on"
     if tc.max_minutes and state["elapsed"] >= tc.max_minutes * 60:
@@ -466,7 +468,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
                 f"(rollback {count} of at most {tc.max_rollbacks})")
 
     stop, fail_at = "", int(os.environ.get(FAIL_AT_STEP, "0"))
-    if ckpt and state["epoch"] <= tc.epochs and (ended := _ended(tc, state)):  # stopped early, and would again
+    if ckpt and (ended := why_stopped(tc, state)):  # it stopped, and would again at once
         stop = f"nothing trained: the run had stopped, {ended}"
     fail_in_save = int(os.environ.get(FAIL_IN_SAVE, "0"))
     nan_at = Counter(int(s) for s in os.environ.get(NAN_AT_STEP, "").split(",") if s.strip())
@@ -587,7 +589,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
                "minutes": round(state["elapsed"] / 60, 2), "stopped": stop or "all epochs done",
                "checkpoint": str(run_dir / "best.pt") if math.isfinite(state["best_val_loss"])  # this run's
                else str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None,  # none validated yet
-               "rollbacks": state["rollbacks"]}
+               "rollbacks": state["rollbacks"]} | ({"rank": rank, "world": world} if world > 1 else {})
     log_metrics({"summary": summary})
     return summary
 
