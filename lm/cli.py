@@ -471,7 +471,10 @@ def _predictor(args: argparse.Namespace):
     memory = NeuralCache(window, theta, lam, model.layers[-1].hidden_size) if lam > 0 else None
     pred = Predictor(model, tok, memory=memory, block=read_user_text(args.block).split() if args.block else ())
     for path in getattr(args, "learn", None) or ():
-        pred.learn(read_user_text(path))
+        try:
+            pred.learn(read_user_text(path))
+        except LMError as e:
+            raise (e if pred.memory is None or path in str(e) else type(e)(f"--learn {path}: {e}")) from None
     return pred
 
 

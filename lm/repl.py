@@ -24,6 +24,8 @@ ending in a likely whole vocabulary word asks for the next word (the one-shot ru
 from __future__ import annotations
 
 import io
+import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
@@ -171,12 +173,26 @@ class Repl:
     def _learn(self, arg: str) -> str:
         if not arg:
             return "usage: :learn FILE (a text file of your own writing)"
+        path = _path_arg(arg)
         try:
-            n = self.pred.learn(read_user_text(arg))
+            text = read_user_text(path)  # its errors name the file
+            n = self.pred.learn(text)
         except LMError as e:
-            return f"error: {e}"
+            return f"error: {e}" if self.pred.memory is None or path in str(e) else f"error: {path}: {e}"
         self._shown = None
-        return f"learned the last {n:,} words of {arg}"
+        return f"learned the last {n:,} words of {path}"
+
+
+def _path_arg(arg: str) -> str:
+    """A file name as a user types or drags it into a terminal: as given if such a file
+    exists, else read as a shell word ("/my notes.txt", /my\\ notes.txt)."""
+    if os.path.exists(os.path.expanduser(arg)):
+        return arg
+    try:
+        words = shlex.split(arg)
+    except ValueError:  # an unmatched quote
+        return arg
+    return words[0] if len(words) == 1 else arg
 
 
 def _extension(pred: Predictor, text: str, choices: list) -> str:

@@ -262,3 +262,26 @@ def test_live_leaves_cleanly_on_ctrl_d(terminal):
     terminal.expect(r"next\s+1 ")
     terminal.type("\x04")  # Ctrl-D
     assert terminal.close() == 0
+
+
+def test_learn_takes_a_path_as_typed_or_dragged_into_a_terminal_and_names_the_file(tiny_run, tmp_path):
+    from lm.cache import NeuralCache
+
+    _, model, tok, _ = checkpoint.load_model(tiny_run / "best.pt")
+    memo = Predictor(model, tok, memory=NeuralCache(100, 0.3, 0.1, model.layers[-1].hidden_size))
+    spaced = tmp_path / "my notes.txt"
+    spaced.write_text("the cat sat on the mat .\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    out = lines_out(memo, f':learn "{spaced}"\n:learn {str(spaced).replace(" ", chr(92) + " ")}\n'
+                          f":learn {spaced}\n:learn {tmp_path / 'empty.txt'}\n")
+    assert out[0].startswith("learned the last ") and out[0].endswith(f" words of {spaced}")
+    assert out[1] == out[2] == out[0]  # quoted, escaped, as is
+    assert out[3] == f"error: {tmp_path / 'empty.txt'}: the text has no words to learn from"
+
+
+def test_learn_flag_names_the_file_that_has_no_words(tiny_run, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    r = subprocess.run([sys.executable, "-m", "lm", "repl", str(tiny_run / "best.pt"), "--plain",
+                        "--learn", str(tmp_path / "empty.txt")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith(f"--learn {tmp_path / 'empty.txt'}: the text has no words to learn from")
