@@ -234,12 +234,19 @@ def _found(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
+REGISTRY_KEYS = ("description", "path", "mirror", "tokens", "vocab", "hub", "defaults")
+
+
 def check_registry_entry(entry: dict, file: str | Path) -> dict:
     """Check the values of a corpus registry entry (``corpora/NAME.toml``, parsed) that
     become paths or config: ``path`` and ``mirror`` name folders, ``hub`` is a table, and
     ``defaults`` is a config layer under the config file and flags. Returns ``entry``;
     an error names the file and the key."""
     where = f"corpus registry entry {file}"
+    unknown = [k for k in entry if k not in REGISTRY_KEYS and k != "_file"]  # _file: added when read
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; the known keys are "
+                          f"{', '.join(REGISTRY_KEYS)}")
     for key, kind in (("path", str), ("mirror", str), ("hub", dict), ("defaults", dict)):
         if key in entry and not isinstance(entry[key], kind):
             what = 'a "string"' if kind is str else f"a [{key}] table"

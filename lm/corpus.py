@@ -14,12 +14,12 @@ import os
 import sys
 import tomllib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.config import check_registry_entry
-from lm.errors import UTF8_BOM, DataError, open_input, refuse_non_utf8
+from lm.errors import UTF8_BOM, ConfigError, DataError, open_input, refuse_non_utf8
 
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
@@ -42,16 +42,58 @@ def registry_dirs() -> list[Path]:
     return out
 
 
-def registry() -> dict[str, dict]:
-    """All registered corpora: name -> entry (the parsed TOML)."""
-    entries: dict[str, dict] = {}
-    for d in reversed(registry_dirs()):  # ./corpora wins over the checkout's
+class Registry(Mapping):
+    """The registered corpora, name -> entry (the parsed TOML plus ``_file``). An entry
+    is read and checked only when it is looked up (``registry()[name]``, ``.get``), so
+    one broken file breaks only the commands that use it; ``items()`` and ``values()``
+    list every entry for ``lm corpus list``, a broken one as ``{"_file", "_error",
+    "description"}`` with its one-line problem instead of raising."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def __getitem__(self, name: str) -> dict:
+        return load_registry_entry(self.files[name])
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _listed(self, name: str) -> dict:
+        try:
+            return self[name]
+        except (ConfigError, DataError) as e:
+            problem = str(e).removeprefix(f"corpus registry entry {self.files[name]}").lstrip(": ")
+            return {"_file": str(self.files[name]), "_error": problem, "description": f"(broken: {problem})"}
+
+    def values(self):  # type: ignore[override]
+        return [self._listed(n) for n in self]
+
+    def items(self):  # type: ignore[override]
+        return [(n, self._listed(n)) for n in self]
+
+
+def registry() -> Registry:
+    """All registered corpora (``corpora/NAME.toml``; ./corpora wins over the checkout's),
+    each read only when looked up: see ``Registry``."""
+    files: dict[str, Path] = {}
+    for d in reversed(registry_dirs()):
         for f in sorted(d.glob("*.toml")):
-            try:
-                entries[f.stem] = check_registry_entry(tomllib.loads(f.read_text(encoding="utf-8-sig")), f) | {"_file": str(f)}
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"corpus registry entry {f} is not valid TOML: {e}") from None
-    return dict(sorted(entries.items()))
+            files[f.stem] = f
+    return Registry(dict(sorted(files.items())))
+
+
+def load_registry_entry(f: Path) -> dict:
+    """One registry file, parsed and checked; errors name the file."""
+    try:
+        entry = tomllib.loads(f.read_text(encoding="utf-8-sig"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corpus registry entry {f} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise DataError(f"cannot read corpus registry entry {f}: {e.strerror or e}") from None
+    return check_registry_entry(entry, f) | {"_file": str(f)}
 
 
 def mirror_dirs() -> list[Path]:
@@ -236,7 +278,12 @@ def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
 def _from_entry(name: str, entry: dict, held_out: float) -> Corpus:
     expected = {"tokens": entry.get("tokens", {}), "vocab": entry.get("vocab")}
     if "path" in entry:  # a user's own entry: a directory, file or glob on this machine
-        corpus = _open_path(str(Path(entry["_file"]).parent / Path(entry["path"]).expanduser()), held_out, name)
+        target = Path(entry["_file"]).parent / Path(entry["path"]).expanduser()
+        if not any(ch in entry["path"] for ch in "*?[") and not target.exists():
+            raise DataError(f"corpus {name!r}: its registry entry {entry['_file']} has path = "
+                            f"{entry['path']!r}, and {target} does not exist: fix the path there "
+                            "(a relative path is relative to the TOML file)")
+        corpus = _open_path(str(target), held_out, name)
         corpus.expected = expected
         return corpus
     mirror = entry.get("mirror", name)

@@ -66,6 +66,8 @@ def test_types_are_checked_with_no_file_too_and_right_types_pass(tmp_path):
     ("[defaults.model]\nn_layers = 2.0", "[defaults.model] n_layers must be an integer, got 2.0"),
     ("[defaults]\nmodel = 3", "defaults.model must be a [defaults.model] table of settings, got 3"),
     ("[defaults]\nfoo = 3", "unknown config section(s): foo"),
+    ("foo = 1\npath = \"x\"", "unknown key(s) foo; the known keys are description, path, mirror, tokens, vocab, "
+                                "hub, defaults"),
 ])
 def test_a_corpus_registry_entry_is_checked_naming_its_file(toml, says):
     with pytest.raises(ConfigError) as e:

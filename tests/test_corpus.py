@@ -299,3 +299,46 @@ def test_corpus_info_splits_a_file_as_train_would_with_held_out(tmp_path, capsys
         assert main(["corpus", "info", str(tmp_path / "notes.txt"), "--json"] + (["--held-out", held] if held else [])) == 0
         counts[held] = json.loads(capsys.readouterr().out)["tokens"]
     assert counts[None]["valid"] == 10 * 7 and counts["0.2"]["valid"] == 40 * 7  # 5% and 20% of 200 lines of 6 words
+
+
+def test_a_broken_registry_entry_breaks_only_the_commands_that_use_it(tmp_path, monkeypatch, capsys):
+    """corpora/bad2.toml with `path = 5` once failed lm train on a plain file, lm eval and
+    lm corpus list: an entry is read when it is used, and the list shows its problem."""
+    from lm.cli import main
+
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "bad2.toml").write_text("path = 5\n")
+    (tmp_path / "corpora" / "bad3.toml").write_text("this is not toml\n")
+    (tmp_path / "notes.txt").write_text("".join(f"line {i} of notes\n" for i in range(100)))
+    monkeypatch.chdir(tmp_path)
+    assert len(list(open_corpus(str(tmp_path / "notes.txt")).lines("test"))) == 5
+    assert build_config({"data": {"corpus": str(tmp_path / "notes.txt")}}).data.corpus.endswith("notes.txt")
+    assert main(["corpus", "list"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r'^bad2 +\(broken: path must be a "string", got 5\)$', out, re.M)
+    assert re.search(r"^bad3 +\(broken: .*not valid TOML", out, re.M)
+    assert re.search(r"^wikitext-2 +WikiText-2 v1", out, re.M)
+    assert main(["corpus", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["bad2"]["description"] == '(broken: path must be a "string", got 5)'
+    with pytest.raises(ConfigError, match='bad2.toml: path must be a "string", got 5'):
+        open_corpus("bad2")
+    with pytest.raises(ConfigError, match='bad2.toml: path must be a "string"'):
+        build_config({"data": {"corpus": "bad2"}})
+
+
+def test_a_registry_entry_with_an_unknown_key_or_a_missing_path_names_its_file(tmp_path, monkeypatch):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "typo.toml").write_text('pth = "../texts"\n')
+    (tmp_path / "corpora" / "gone.toml").write_text('path = "/nonexistent/x"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        open_corpus("typo")
+    assert str(e.value) == (f"corpus registry entry {tmp_path / 'corpora' / 'typo.toml'}: unknown key(s) pth; the known "
+                            "keys are description, path, mirror, tokens, vocab, hub, defaults")
+    with pytest.raises(DataError) as e:
+        open_corpus("gone")
+    assert str(e.value) == (f"corpus 'gone': its registry entry {tmp_path / 'corpora' / 'gone.toml'} has path = "
+                            "'/nonexistent/x', and /nonexistent/x does not exist: fix the path there "
+                            "(a relative path is relative to the TOML file)")
+
