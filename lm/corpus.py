@@ -113,6 +113,7 @@ class Corpus:
     expected: dict = field(default_factory=dict)  # registry's standard counts, if any
     strict: bool = False  # refuse invalid UTF-8 instead of replacing it
     found: dict = field(default_factory=dict)  # split -> what its last full read repaired
+    shared_files = False  # whether one file feeds several splits (warnings then name the split)
 
     def lines(self, split: str) -> Iterator[str]:
         raise NotImplementedError
@@ -124,7 +125,8 @@ class Corpus:
         files = self._files(split)
         for f in found:
             i = f.get("file", 0)
-            _report(files[i] if 0 <= i < len(files) else Path(self.where), f, self.strict)
+            _report(files[i] if 0 <= i < len(files) else Path(self.where), f, self.strict,
+                    split if self.shared_files else None)
 
     def _files(self, split: str) -> list[Path]:
         return []
@@ -136,7 +138,7 @@ class Corpus:
         found = []
         for i, path, start, stop in parts:
             rec: dict = {}
-            yield from _read_lines(path, self.strict, rec, start, stop)
+            yield from _read_lines(path, self.strict, rec, start, stop, split if self.shared_files else None)
             if rec:
                 found.append({"file": i, **rec})
         self.found[split] = found
@@ -167,6 +169,8 @@ class HeldOutFiles(Corpus):
     """Files with no split of their own: their lines in order, the last ``HELD_OUT``
     fraction becoming test and the fraction before it valid (contiguous blocks, so that
     no held-out sentence has its neighbours in training)."""
+
+    shared_files = True
 
     def __init__(self, name: str, files: list[Path], where: str, held_out: float = HELD_OUT):
         super().__init__(name, where)
@@ -350,7 +354,7 @@ def _raw_lines(path: Path, cut: list[int] | None = None) -> Iterator[bytes]:
 
 
 def _read_lines(path: Path, strict: bool = False, found: dict | None = None, start: int = 0,
-                stop: int | None = None) -> Iterator[str]:
+                stop: int | None = None, split: str | None = None) -> Iterator[str]:
     """Lines ``start`` to ``stop`` (0-based, ``stop`` excluded; all by default) of a UTF-8
     text file; the lines before ``start`` are not decoded. Invalid bytes become U+FFFD with
     one warning saying how many and where, or, with ``strict``, stop the read with the
@@ -373,22 +377,26 @@ def _read_lines(path: Path, strict: bool = False, found: dict | None = None, sta
     rec = {"bad": bad, "line": first_bad, "byte": first_byte, "long": long_lines} if bad or long_lines else {}
     if found is not None:
         found.update(rec)
-    _report(path, rec, strict)
+    _report(path, rec, strict, split)
 
 
-def _report(path: Path, found: dict, strict: bool) -> None:
+def _report(path: Path, found: dict, strict: bool, split: str | None = None) -> None:
     """Warn about what reading ``path`` repaired (``found``: ``bad`` invalid UTF-8 bytes
     replaced, the first on line ``line`` at byte ``byte``; ``long`` lines cut), or refuse
     it as ``strict`` asks. A read and a cache hit both end here, so both say the same;
     the warnings come from one place, so a message repeated in one process shows once."""
+    where = f"{path} ({_SPLIT_LABEL.get(split, split)})" if split else str(path)  # one file may feed every split
     if found.get("bad"):
         if strict:
             raise DataError(_not_utf8(path, found.get("line", 0), found.get("byte", 0)))
-        warnings.warn(f"{path}: {found['bad']} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
+        warnings.warn(f"{where}: {found['bad']} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
                       f"{found.get('line', 0)}; pass --strict to refuse such files", DataWarning)
     if found.get("long"):
-        warnings.warn(f"{path}: {found['long']} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
+        warnings.warn(f"{where}: {found['long']} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
                       "at whitespace (each piece ends in <eos>)", DataWarning)
+
+
+_SPLIT_LABEL = {"train": "train split", "valid": "valid split", "test": "test split", "all": "whole text"}
 
 
 def _not_utf8(path: Path, line: int, byte: int) -> str:

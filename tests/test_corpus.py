@@ -139,9 +139,9 @@ def test_each_held_out_split_reports_the_bad_bytes_in_its_own_lines(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_bytes(b"caf\xe9 one\n" + b"fine\n" * 16 + b"\xff\xfe two\n" + b"fine\n" * 2)  # 20 lines
     c = open_corpus(str(f), held_out=0.1)  # train 16, valid 2, test 2
-    with pytest.warns(DataWarning, match=r"mine.txt: 1 invalid UTF-8 byte\(s\) replaced .* first on line 1;"):
+    with pytest.warns(DataWarning, match=r"mine.txt \(train split\): 1 invalid UTF-8 byte\(s\) replaced .* first on line 1;"):
         assert len(list(c.lines("train"))) == 16
-    with pytest.warns(DataWarning, match=r"mine.txt: 2 invalid UTF-8 byte\(s\) replaced .* first on line 18;"):
+    with pytest.warns(DataWarning, match=r"mine.txt \(valid split\): 2 invalid UTF-8 byte\(s\) replaced .* first on line 18;"):
         assert list(c.lines("valid")) == ["fine", "\ufffd\ufffd two"]
     assert c.found == {"train": [{"file": 0, "bad": 1, "line": 1, "byte": 3, "long": 0}],
                        "valid": [{"file": 0, "bad": 2, "line": 18, "byte": 0, "long": 0}]}
@@ -342,3 +342,25 @@ def test_a_registry_entry_with_an_unknown_key_or_a_missing_path_names_its_file(t
                             "'/nonexistent/x', and /nonexistent/x does not exist: fix the path there "
                             "(a relative path is relative to the TOML file)")
 
+
+def test_bad_byte_warnings_name_the_file_and_the_split_each_refers_to(tmp_path):
+    """A Latin-1 file read for two splits gave two warnings ("line 7", "line 390") that
+    did not say which split each was about; a cache hit says the same again."""
+    import warnings
+
+    f = tmp_path / "latin.txt"
+    lines = [f"line {i} here" for i in range(1, 401)]
+    lines[6], lines[389] = "caf\xe9 na\xefve", "d\xe9j\xe0 vu"
+    f.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    c = open_corpus(str(f))  # 400 lines: train 1-360, valid 361-380, test 381-400
+    tok = Tokenizer.train([line for line in c.lines("valid")])
+    for _ in range(2):  # built, then replayed from the token cache
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            for split in ("train", "valid", "test"):
+                token_stream(c, split, tok)
+        assert [str(w.message) for w in got] == [
+            f"{f} (train split): 2 invalid UTF-8 byte(s) replaced by U+FFFD, first on line 7; pass --strict to "
+            "refuse such files",
+            f"{f} (test split): 2 invalid UTF-8 byte(s) replaced by U+FFFD, first on line 390; pass --strict to "
+            "refuse such files"]
