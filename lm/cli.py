@@ -145,15 +145,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.autocomplete:
         from lm.keyboard import lstm_rows
         return _autocomplete(args, tokenizer, lambda stream: lstm_rows(model, stream, tokenizer.eos_id))
-    args.split, args.batch_size = args.split or EVAL_SPLIT, args.batch_size or EVAL_BATCH_SIZE
     corpus = open_corpus(args.corpus or cfg.data.corpus, strict=args.strict, held_out=cfg.data.held_out)
+    args.split, args.batch_size = args.split or _default_eval_split(args, cfg, corpus), args.batch_size or EVAL_BATCH_SIZE
+    if args.split == "all" and "all" not in getattr(corpus, "bounds", {}):
+        raise ConfigError(f"--split all scores the whole text of a file, glob or folder without split files; "
+                          f"{corpus.where} has train/valid/test of its own: choose --split train, valid or test")
     stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
     dump = args.dump_tokens is not None
     result = evaluate(model, stream, bos_id=tokenizer.eos_id, batch_size=args.batch_size,
                       progress=not args.json, desc=args.split, unk_id=tokenizer.unk_id, keep_tokens=dump)
     columns = {"logprob": result.pop("token_log_probs")} if dump else {}
-    result |= {"split": args.split, "corpus": corpus.name, "checkpoint": str(args.checkpoint),
-               "batch_size": args.batch_size}
+    result |= {"split": args.split, "corpus": corpus.name, "scored": corpus.describe(args.split),
+               "checkpoint": str(args.checkpoint), "batch_size": args.batch_size}
     if tokenizer.subword:
         result = add_word_level(result, word_count(corpus, args.split, tokenizer))
     result |= _eval_methods(args, model, tokenizer, corpus, stream, columns)
@@ -164,7 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         per_word = f"  word ppl {fmt_ppl(result['word_ppl'])}" if "word_ppl" in result else ""
-        print(f"{corpus.name} {args.split}: ppl {fmt_ppl(result['ppl'])}{per_word}  loss {result['loss']:.4f}  "
+        what = corpus.describe(args.split) if "all" in getattr(corpus, "bounds", {}) else f"{corpus.name} {args.split}"
+        print(f"{what}: ppl {fmt_ppl(result['ppl'])}{per_word}  loss {result['loss']:.4f}  "
               f"tokens {result['tokens']:,}  oov {result['oov_rate']:.2%}  "
               f"({result['tokens_per_s']:,.0f} tok/s, {result['seconds']:.1f} s)")
         _print_eval_methods(result)
@@ -174,6 +178,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # Defaults of eval flags that some modes ignore: the flags default to None, so that
 # _refuse_unused_eval_flags can tell a value the user typed from the default.
 EVAL_SPLIT, EVAL_BATCH_SIZE, AUTOCOMPLETE_K = "valid", 10, 3
+
+
+def _default_eval_split(args: argparse.Namespace, cfg, corpus) -> str:
+    """valid, as always on the run's own corpus; "all" for another file, glob or folder
+    without split files given to --corpus: a held-out file is scored whole, not 5% of it."""
+    if not args.corpus or "all" not in getattr(corpus, "bounds", {}):
+        return EVAL_SPLIT
+    same = args.corpus == cfg.data.corpus or (
+        Path(args.corpus).expanduser().exists() and Path(cfg.data.corpus).expanduser().exists()
+        and Path(args.corpus).expanduser().resolve() == Path(cfg.data.corpus).expanduser().resolve())
+    return EVAL_SPLIT if same else "all"  # the training text itself: its whole would include train
+
+
 _CACHE_OPTIONS = ("cache_window", "cache_theta", "cache_lambda")
 _DYNAMIC_OPTIONS = ("dynamic_lr", "dynamic_decay", "dynamic_bptt", "dynamic_ms_tokens")
 
@@ -607,8 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint on a split")
     e.add_argument("checkpoint", help="a checkpoint file (best.pt) or run directory")
-    e.add_argument("--split", choices=("train", "valid", "test"), help=f"which split to score (default: {EVAL_SPLIT})")
-    e.add_argument("--corpus", help="score another corpus than the one trained on")
+    e.add_argument("--split", choices=("train", "valid", "test", "all"),
+                   help=f"which split to score; all: the whole text of a file, glob or folder without split files "
+                        f"(default: all for such a --corpus, else {EVAL_SPLIT})")
+    e.add_argument("--corpus", help="score another corpus than the one trained on (a file, a glob or a folder "
+                                    "without train.txt is scored whole unless --split says otherwise)")
     e.add_argument("--batch-size", type=_positive_int,
                    help=f"lanes; 1 is the exact reference (default: {EVAL_BATCH_SIZE})")
     e.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads; 0 = one per core (default: 0)")

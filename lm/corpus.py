@@ -131,6 +131,10 @@ class Corpus:
     def _files(self, split: str) -> list[Path]:
         return []
 
+    def describe(self, split: str) -> str:
+        """What ``split`` of this corpus is, for people: ``lm eval`` names what it scored."""
+        return f"{self.name} {split} ({self.where})"
+
     def _read(self, split: str, parts: list[tuple[int, Path, int, int | None]]) -> Iterator[str]:
         """The lines of ``parts`` (file index, path, first line, end line or None), then,
         once all are read, what the read repaired in ``self.found[split]``."""
@@ -161,6 +165,9 @@ class SplitFiles(Corpus):
     def _files(self, split: str) -> list[Path]:
         return [self.files[split]]
 
+    def describe(self, split: str) -> str:
+        return f"{self.name} {split} ({self.files[split]})"
+
     def fingerprint(self, split: str) -> str:
         return _hash_files([self.files[split]])
 
@@ -182,7 +189,9 @@ class HeldOutFiles(Corpus):
                             "at least 3 lines to hold some out (or give a directory with "
                             "train.txt, valid.txt and test.txt)")
         held = max(1, int(n * held_out))
-        self.bounds = {"train": (0, n - 2 * held), "valid": (n - 2 * held, n - held), "test": (n - held, n)}
+        self.held_out = held_out
+        self.bounds = {"train": (0, n - 2 * held), "valid": (n - 2 * held, n - held), "test": (n - held, n),
+                       "all": (0, n)}  # "all": the whole text, as `lm eval --corpus FILE` scores it
 
     def lines(self, split: str) -> Iterator[str]:
         lo, hi = self.bounds[split]
@@ -195,6 +204,16 @@ class HeldOutFiles(Corpus):
 
     def _files(self, split: str) -> list[Path]:
         return self.files
+
+    def describe(self, split: str) -> str:
+        what = "file" if len(self.files) == 1 and Path(self.where).is_file() else "text"
+        if split == "all":
+            return f"{self.where} (whole {what})"
+        pct = f"{self.held_out:.0%}" if round(self.held_out * 100, 6).is_integer() else f"{self.held_out:.1%}"
+        first = 1 - 2 * self.held_out
+        part = {"train": f"the first {first:.0%}" if round(first * 100, 6).is_integer() else f"the first {first:.1%}",
+                "valid": f"the {pct} before the last {pct}", "test": f"the last {pct}"}[split]
+        return f"{self.where} {split} split ({part} of its lines)"
 
     def fingerprint(self, split: str) -> str:
         return _hash_files(self.files) + f"-{self.bounds[split][0]}-{self.bounds[split][1]}"

@@ -367,3 +367,62 @@ def test_a_failing_bench_child_raises_the_childs_own_lm_error_again(tmp_path):
     with pytest.raises(DataError) as e:  # the same class and the same one-line message, from the child process
         _child("_ops", json.dumps({"base": missing}))
     assert str(e.value) == str(expected.value) and "\n" not in str(e.value)
+
+
+def test_cli_eval_scores_a_held_out_file_given_to_corpus_whole_and_says_what_it_scored(tiny_run, tmp_path, capsys):
+    """`lm eval RUN --corpus held.txt` scored only the 5% valid slice of the file (690 of
+    15,682 tokens) and did not say so: a file, glob or folder without train.txt given to
+    --corpus is scored whole; --split picks a slice, and the summary names either."""
+    from conftest import sentences
+    from lm.cli import main
+
+    lines = sentences(300, 7)
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(lines) + "\n")
+    whole = sum(len(line.split()) + 1 for line in lines)
+    assert main(["eval", str(tiny_run), "--corpus", str(held), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["tokens"], r["split"], r["scored"]) == (whole, "all", f"{held} (whole file)")
+    assert main(["eval", str(tiny_run), "--corpus", str(held)]) == 0
+    assert capsys.readouterr().out.startswith(f"{held} (whole file): ppl ")
+    assert main(["eval", str(tiny_run), "--corpus", str(held), "--split", "valid", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == sum(len(line.split()) + 1 for line in lines[270:285])
+    assert r["scored"] == f"{held} valid split (the 5% before the last 5% of its lines)"
+    only_test = tmp_path / "only-test"
+    only_test.mkdir()
+    (only_test / "test.txt").write_text("\n".join(lines) + "\n")
+    assert main(["eval", str(tiny_run), "--corpus", str(only_test), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["tokens"], r["scored"]) == (whole, f"{only_test} (whole text)")
+
+
+def test_cli_eval_on_the_runs_own_split_corpus_is_unchanged_and_refuses_split_all(tiny_run, tiny_corpus, capsys):
+    from lm.cli import main
+
+    assert main(["eval", str(tiny_run), "--split", "test", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["split"], r["scored"]) == ("test", f"tiny test ({tiny_corpus / 'test.txt'})")
+    assert main(["eval", str(tiny_run), "--split", "all"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lm eval: error: --split all scores the whole text of a file, glob or folder without split files; "
+        f"{tiny_corpus} has train/valid/test of its own: choose --split train, valid or test")
+
+
+def test_cli_eval_of_a_run_trained_on_a_plain_file_scores_its_valid_slice_and_names_it(tmp_path, capsys):
+    from conftest import sentences, tiny_config
+    from lm.cli import main
+    from lm.train import train
+
+    notes = tmp_path / "notes.txt"
+    lines = sentences(400, 3)
+    notes.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    cfg = tiny_config(notes, epochs=1)
+    cfg.train.max_steps = 3
+    train(cfg, run, progress=False, log=lambda *a: None)
+    for extra in ([], ["--corpus", str(notes)]):  # its own text: never scored whole by default
+        assert main(["eval", str(run)] + extra) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{notes} valid split (the 5% before the last 5% of its lines): ppl "), out
+        assert f" tokens {sum(len(line.split()) + 1 for line in lines[360:380]):,} " in out
