@@ -279,15 +279,15 @@ def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
                 raise DataError(f"{path} has a train file but no {' or '.join(missing)} file: "
                                 f"add {', '.join(m + '.txt' for m in missing)}, or remove train.txt "
                                 "to have a fraction held out automatically")
+            _warn_unread(path, files, _text_files(path))
             return SplitFiles(name or path.name, files, str(path))
-        texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".tokens", ""))
-        texts = [p for p in texts if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        texts = _text_files(path)
         if not texts:
             raise DataError(f"{path} holds no .txt files: put your text in .txt files there")
         return HeldOutFiles(name or path.name, texts, str(path), held_out)
     if path.is_file():
         return HeldOutFiles(name or path.stem, [path], str(path), held_out)
-    matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if matches and any(ch in spec for ch in "*?["):
         return HeldOutFiles(name or path.stem.replace("*", "") or "glob", matches, spec, held_out)
     if any(ch in spec for ch in "*?["):
@@ -296,6 +296,23 @@ def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
     names = ", ".join(registry()) or "none"
     raise DataError(f"corpus {spec!r} not found: not a registered name ({names}), "
                     "nor an existing file or directory")
+
+
+def _text_files(path: Path) -> list[Path]:
+    """The text files in a folder, recursively, sorted by path, hidden ones skipped."""
+    texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".tokens", ""))
+    return [p for p in texts if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+
+
+def _warn_unread(path: Path, files: dict[str, Path], texts: list[Path]) -> None:
+    """Say once which text files a folder with split files leaves unread."""
+    unread = [p for p in texts if p not in files.values()]
+    if unread:
+        names = ", ".join(str(p.relative_to(path)) for p in unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        warnings.warn(f"{path}: {', '.join(f.name for f in files.values())} are its train/valid/test splits, so "
+                      f"{len(unread)} other text file(s) in it are not read: {names}. Add their text to the split "
+                      "files, or move those out of the folder to have all of it read and a fraction held out",
+                      DataWarning, stacklevel=3)
 
 
 def _from_entry(name: str, entry: dict, held_out: float) -> Corpus:

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,14 @@ from tqdm import tqdm
 
 from lm.checkpoint import atomic_write
 from lm.config import TokenizerConfig
-from lm.corpus import SPLITS, Corpus
+from lm.corpus import SPLITS, Corpus, DataWarning
 from lm.errors import DataError, LMError
 from lm.text import RULES
 from lm.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1
 CHUNK_TOKENS = 1 << 20  # tokens encoded per write while building
+MIN_SPLIT_TOKENS = 50  # a split below this gets a warning: its perplexity says little
 
 
 def cache_dir() -> Path:
@@ -87,7 +89,9 @@ def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool
     """The split's ids as stored: a read-only memory map of the cache file."""
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
     if not cache:
-        return np.concatenate([np.asarray(c, dtype) for c in _chunks(corpus, split, tokenizer)] or [np.zeros(0, dtype)])
+        ids = np.concatenate([np.asarray(c, dtype) for c in _chunks(corpus, split, tokenizer)] or [np.zeros(0, dtype)])
+        _warn_if_tiny(corpus, split, ids.size)
+        return ids
     key = _key(corpus.fingerprint(split), tokenizer.fingerprint)
     path = cache_dir() / f"{_safe(corpus.name)}.{split}.{key}.bin"
     found = _load_found(path)
@@ -97,7 +101,22 @@ def token_array(corpus: Corpus, split: str, tokenizer: Tokenizer, *, cache: bool
         corpus.replay(split, found)
     if path.stat().st_size == 0:
         return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    _warn_if_tiny(corpus, split, ids.size)
+    return ids
+
+
+def _warn_if_tiny(corpus: Corpus, split: str, n: int) -> None:
+    """A split of a few tokens gives a perplexity that means nothing (a glob that missed
+    the files it meant gave a 1-token test split): say so, and how to fix it."""
+    if 0 < n < MIN_SPLIT_TOKENS:
+        if "all" in getattr(corpus, "bounds", {}):
+            fix = ("add text, raise --held-out, or check what the corpus matches (a quoted glob's '**' "
+                   "matches folders recursively)")
+        else:
+            fix = f"add text to {corpus._files(split)[0] if corpus._files(split) else 'it'}"
+        warnings.warn(f"the {split} split of {corpus.where} has only {n} token(s): a perplexity on it means "
+                      f"little; {fix}", DataWarning)
 
 
 def build(corpus: Corpus, split: str, tokenizer: Tokenizer, path: Path, dtype: np.dtype,

@@ -364,3 +364,42 @@ def test_bad_byte_warnings_name_the_file_and_the_split_each_refers_to(tmp_path):
             "refuse such files",
             f"{f} (test split): 2 invalid UTF-8 byte(s) replaced by U+FFFD, first on line 390; pass --strict to "
             "refuse such files"]
+
+
+def test_a_folder_with_split_files_names_the_text_files_it_does_not_read(tmp_path):
+    _three_splits(tmp_path)
+    (tmp_path / "extra.txt").write_text("seven hundred kilobytes of text\n")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "notes.txt").write_text("more\n")
+    (tmp_path / ".hidden.txt").write_text("hidden\n")
+    with pytest.warns(DataWarning) as got:
+        c = open_corpus(str(tmp_path))
+    assert [str(w.message) for w in got] == [
+        f"{tmp_path}: train.txt, valid.txt, test.txt are its train/valid/test splits, so 2 other text file(s) in it "
+        "are not read: extra.txt, more/notes.txt. Add their text to the split files, or move those out of the "
+        "folder to have all of it read and a fraction held out"]
+    assert list(c.lines("train")) == ["hello world"]
+
+
+def test_a_double_star_glob_is_recursive_and_a_tiny_split_is_named_with_the_fix(tmp_path):
+    import warnings
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").mkdir()
+    (tmp_path / "top.txt").write_text("".join(f"top {i} line here\n" for i in range(10)))
+    (tmp_path / "a" / "one.txt").write_text("".join(f"one {i} line here\n" for i in range(200)))
+    (tmp_path / "a" / "b" / "two.txt").write_text("".join(f"two {i} line here\n" for i in range(190)))
+    c = open_corpus(str(tmp_path / "**" / "*.txt"))
+    assert c.files == [tmp_path / "a" / "b" / "two.txt", tmp_path / "a" / "one.txt", tmp_path / "top.txt"]
+    tok = Tokenizer.train(c.lines("train"))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert token_stream(c, "test", tok, cache=False).numel() == 20 * 5  # 5% of 400 lines
+    assert got == []
+    only_top = open_corpus(str(tmp_path / "*.txt"), held_out=0.1)  # 10 lines: 1 held out for test
+    tok = Tokenizer.train(only_top.lines("train"))
+    with pytest.warns(DataWarning) as got:
+        assert token_stream(only_top, "test", tok).numel() == 5
+    assert [str(w.message) for w in got] == [
+        f"the test split of {tmp_path / '*.txt'} has only 5 token(s): a perplexity on it means little; add text, "
+        "raise --held-out, or check what the corpus matches (a quoted glob's '**' matches folders recursively)"]
