@@ -24,6 +24,7 @@ from lm.errors import UTF8_BOM, ConfigError, DataError, open_input, refuse_non_u
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
 MAX_LINE_BYTES = 1 << 20  # longer lines are read in pieces cut at whitespace
+MIN_PIECE_BYTES = 1 << 14  # a held-out corpus cuts lines above this when they would skew the hold-out
 _SPLIT_NAMES = {  # file names accepted in a corpus directory, per split
     "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt"),
     "valid": ("valid.txt", "validation.txt", "wiki.valid.tokens", "ptb.valid.txt"),
@@ -114,6 +115,7 @@ class Corpus:
     strict: bool = False  # refuse invalid UTF-8 instead of replacing it
     found: dict = field(default_factory=dict)  # split -> what its last full read repaired
     shared_files = False  # whether one file feeds several splits (warnings then name the split)
+    piece_bytes: int | None = None  # lines longer than this are cut (None: MAX_LINE_BYTES)
 
     def lines(self, split: str) -> Iterator[str]:
         raise NotImplementedError
@@ -142,7 +144,8 @@ class Corpus:
         found = []
         for i, path, start, stop in parts:
             rec: dict = {}
-            yield from _read_lines(path, self.strict, rec, start, stop, split if self.shared_files else None)
+            yield from _read_lines(path, self.strict, rec, start, stop, split if self.shared_files else None,
+                                   self.piece_bytes)
             if rec:
                 found.append({"file": i, **rec})
         self.found[split] = found
@@ -182,15 +185,36 @@ class HeldOutFiles(Corpus):
     def __init__(self, name: str, files: list[Path], where: str, held_out: float = HELD_OUT):
         super().__init__(name, where)
         self.files = files
-        self.counts = [_count_lines(f) for f in files]
-        n = sum(self.counts)
+        stats = [_line_stats(f) for f in files]
+        self.counts = [c for c, _ in stats]
+        n, longest = sum(self.counts), max((m for _, m in stats), default=0)
+        total = sum(f.stat().st_size for f in files)
+        target = total * held_out  # bytes each of valid and test should hold
+        if n < 3 or longest > max(MIN_PIECE_BYTES, target / 2):
+            # A few huge lines (a file with no newline): held out by lines, valid or test
+            # would be a whole 1 MiB piece (32% of a 3.3 MB file) or nothing at all. Cut
+            # them at whitespace into pieces of a twentieth of the held-out share, and hold
+            # out as many pieces from the end as make the share: the fraction held out is
+            # then one of the text, within a twentieth.
+            self.piece_bytes = min(MAX_LINE_BYTES, max(64, int(target / 20)))
+            sizes = [[len(line) + 1 for line in _raw_lines(f, limit=self.piece_bytes)] for f in files]
+            self.counts = [len(x) for x in sizes]
+            n = sum(self.counts)
         if n < 3:
-            raise DataError(f"{where} has {n} line(s): a corpus with no valid/test files needs "
-                            "at least 3 lines to hold some out (or give a directory with "
-                            "train.txt, valid.txt and test.txt)")
+            raise DataError(f"{where} is too small to hold out valid and test text: it has {n} line(s), "
+                            f"{total:,} bytes. A corpus with no valid/test files needs at least 3 lines (one each "
+                            "for train, valid and test; hundreds make a useful corpus), or give a directory with "
+                            "train.txt, valid.txt and test.txt")
         held = max(1, int(n * held_out))
+        valid, test = n - 2 * held, n - held  # where valid and test start
+        if self.piece_bytes:  # as many pieces from the end as hold `target` bytes, for each
+            lengths = [x for f in sizes for x in f]
+            test = _start_of_last(lengths, n, target)
+            valid = _start_of_last(lengths, test, target)
+            if not 0 < valid < test < n:
+                valid, test = n - 2 * held, n - held
         self.held_out = held_out
-        self.bounds = {"train": (0, n - 2 * held), "valid": (n - 2 * held, n - held), "test": (n - held, n),
+        self.bounds = {"train": (0, valid), "valid": (valid, test), "test": (test, n),
                        "all": (0, n)}  # "all": the whole text, as `lm eval --corpus FILE` scores it
 
     def lines(self, split: str) -> Iterator[str]:
@@ -213,10 +237,11 @@ class HeldOutFiles(Corpus):
         first = 1 - 2 * self.held_out
         part = {"train": f"the first {first:.0%}" if round(first * 100, 6).is_integer() else f"the first {first:.1%}",
                 "valid": f"the {pct} before the last {pct}", "test": f"the last {pct}"}[split]
-        return f"{self.where} {split} split ({part} of its lines)"
+        return f"{self.where} {split} split ({part} of its {'text' if self.piece_bytes else 'lines'})"
 
     def fingerprint(self, split: str) -> str:
-        return _hash_files(self.files) + f"-{self.bounds[split][0]}-{self.bounds[split][1]}"
+        cut = f"-{self.piece_bytes}" if self.piece_bytes else ""
+        return _hash_files(self.files) + f"-{self.bounds[split][0]}-{self.bounds[split][1]}{cut}"
 
 
 class HubCorpus(Corpus):
@@ -298,6 +323,15 @@ def _open_path(spec: str, held_out: float, name: str | None = None) -> Corpus:
                     "nor an existing file or directory")
 
 
+def _start_of_last(lengths: list[int], end: int, target: float) -> int:
+    """The first of the lines ending at ``end`` that together hold ``target`` bytes."""
+    start, acc = end, 0
+    while start > 0 and acc < target:
+        start -= 1
+        acc += lengths[start]
+    return start
+
+
 def _text_files(path: Path) -> list[Path]:
     """The text files in a folder, recursively, sorted by path, hidden ones skipped."""
     texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".tokens", ""))
@@ -350,14 +384,14 @@ class DataWarning(UserWarning):
     """Something in the data was repaired (bad bytes replaced, long lines cut)."""
 
 
-def _raw_lines(path: Path, cut: list[int] | None = None) -> Iterator[bytes]:
+def _raw_lines(path: Path, cut: list[int] | None = None, limit: int | None = None) -> Iterator[bytes]:
     """Lines of a file as bytes, without their LF, CRLF or CR endings (``bytes.splitlines``
     knows only those three: form feeds, U+0085 and U+2028 stay inside a line). A line
     longer than ``MAX_LINE_BYTES`` comes out in pieces cut at whitespace, so memory stays
     flat; the index of the first piece of each such line goes into ``cut``. Each read tops
     the unfinished line up to ``MAX_LINE_BYTES`` + 1 bytes, so a block with no line end in
     it is a line to cut."""
-    limit = MAX_LINE_BYTES
+    limit = limit or MAX_LINE_BYTES
     with open_input(path, DataError) as f:
         head = f.read(8192)
         refuse_non_utf8(path, head, DataError)
@@ -390,7 +424,7 @@ def _raw_lines(path: Path, cut: list[int] | None = None) -> Iterator[bytes]:
 
 
 def _read_lines(path: Path, strict: bool = False, found: dict | None = None, start: int = 0,
-                stop: int | None = None, split: str | None = None) -> Iterator[str]:
+                stop: int | None = None, split: str | None = None, limit: int | None = None) -> Iterator[str]:
     """Lines ``start`` to ``stop`` (0-based, ``stop`` excluded; all by default) of a UTF-8
     text file; the lines before ``start`` are not decoded. Invalid bytes become U+FFFD with
     one warning saying how many and where, or, with ``strict``, stop the read with the
@@ -398,7 +432,7 @@ def _read_lines(path: Path, strict: bool = False, found: dict | None = None, sta
     a cache of what was read can say it again."""
     bad = first_bad = first_byte = 0
     cut: list[int] = []
-    for lineno, raw in itertools.islice(enumerate(_raw_lines(path, cut), 1), start, stop):
+    for lineno, raw in itertools.islice(enumerate(_raw_lines(path, cut, limit), 1), start, stop):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -411,6 +445,8 @@ def _read_lines(path: Path, strict: bool = False, found: dict | None = None, sta
         yield line
     long_lines = sum(1 for i in cut if i >= start and (stop is None or i < stop))
     rec = {"bad": bad, "line": first_bad, "byte": first_byte, "long": long_lines} if bad or long_lines else {}
+    if long_lines and limit and limit != MAX_LINE_BYTES:
+        rec["limit"] = limit
     if found is not None:
         found.update(rec)
     _report(path, rec, strict, split)
@@ -428,7 +464,7 @@ def _report(path: Path, found: dict, strict: bool, split: str | None = None) -> 
         warnings.warn(f"{where}: {found['bad']} invalid UTF-8 byte(s) replaced by U+FFFD, first on line "
                       f"{found.get('line', 0)}; pass --strict to refuse such files", DataWarning)
     if found.get("long"):
-        warnings.warn(f"{where}: {found['long']} line(s) longer than {MAX_LINE_BYTES:,} bytes were cut "
+        warnings.warn(f"{where}: {found['long']} line(s) longer than {found.get('limit', MAX_LINE_BYTES):,} bytes were cut "
                       "at whitespace (each piece ends in <eos>)", DataWarning)
 
 
@@ -440,8 +476,12 @@ def _not_utf8(path: Path, line: int, byte: int) -> str:
             "replace bad bytes, or convert the file, e.g. iconv -f latin1 -t utf-8)")
 
 
-def _count_lines(path: Path) -> int:
-    return sum(1 for _ in _raw_lines(path))
+def _line_stats(path: Path, limit: int | None = None) -> tuple[int, int]:
+    """(lines, bytes in the longest) of a file, a line longer than ``limit`` counted in pieces."""
+    n = longest = 0
+    for line in _raw_lines(path, limit=limit):
+        n, longest = n + 1, max(longest, len(line))
+    return n, longest
 
 
 _HASHES: dict[tuple, str] = {}  # (path, size, mtime) of the files -> content hash

@@ -403,3 +403,43 @@ def test_a_double_star_glob_is_recursive_and_a_tiny_split_is_named_with_the_fix(
     assert [str(w.message) for w in got] == [
         f"the test split of {tmp_path / '*.txt'} has only 5 token(s): a perplexity on it means little; add text, "
         "raise --held-out, or check what the corpus matches (a quoted glob's '**' matches folders recursively)"]
+
+
+@pytest.mark.parametrize("size", [330_000, 1_500_000])
+def test_a_file_with_no_newline_holds_out_five_percent_of_its_text(tmp_path, monkeypatch, size):
+    """A 3.3 MB file with no newline, cut into 1 MiB pieces, held out a whole piece as
+    valid (32% of the text); a 1.5 MB one (2 pieces) was refused as having 2 lines. Here
+    at a 100 kB cut for speed: valid and test each hold about 5% of the words."""
+    import warnings
+
+    monkeypatch.setattr(corpus_module, "MAX_LINE_BYTES", 100_000)
+    rng = random.Random(0)
+    words = [rng.choice(["the", "cat", "sat", "on", "a", "mat", "."]) for _ in range(size // 3)]
+    f = tmp_path / "one-line.txt"
+    f.write_text(" ".join(words))
+    c = open_corpus(str(f))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        parts = {s: [w for line in c.lines(s) for w in line.split()] for s in ("train", "valid", "test")}
+    assert parts["train"] + parts["valid"] + parts["test"] == words  # nothing lost, in order
+    for s in ("valid", "test"):
+        assert 0.04 < len(parts[s]) / len(words) <= 0.055, (s, len(parts[s]) / len(words))
+    assert f"longer than {c.piece_bytes:,} bytes were cut" in str(got[0].message)
+    assert c.describe("valid") == f"{f} valid split (the 5% before the last 5% of its text)"
+
+
+def test_ordinary_lines_are_held_out_by_line_as_before(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("".join(f"paragraph {i} " + "word " * (i % 50) + "\n" for i in range(1000)))
+    c = open_corpus(str(f))
+    assert c.piece_bytes is None and c.bounds["test"] == (950, 1000) and c.bounds["valid"] == (900, 950)
+
+
+def test_text_too_small_to_hold_out_says_what_it_needs(tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("hello world")  # no newline
+    with pytest.raises(DataError) as e:
+        open_corpus(str(f))
+    assert str(e.value) == (f"{f} is too small to hold out valid and test text: it has 1 line(s), 11 bytes. A corpus "
+                            "with no valid/test files needs at least 3 lines (one each for train, valid and test; "
+                            "hundreds make a useful corpus), or give a directory with train.txt, valid.txt and test.txt")
