@@ -24,7 +24,7 @@ from lm.errors import UTF8_BOM, ConfigError, DataError, open_input, refuse_non_u
 SPLITS = ("train", "valid", "test")
 HELD_OUT = 0.05  # fraction of lines held out for valid and for test when none is given
 MAX_LINE_BYTES = 1 << 20  # longer lines are read in pieces cut at whitespace
-MIN_PIECE_BYTES = 1 << 14  # a held-out corpus cuts lines above this when they would skew the hold-out
+MIN_PIECE_BYTES = 1 << 14  # a line longer than this and than half the held-out share makes a held-out corpus cut lines
 _SPLIT_NAMES = {  # file names accepted in a corpus directory, per split
     "train": ("train.txt", "wiki.train.tokens", "ptb.train.txt"),
     "valid": ("valid.txt", "validation.txt", "wiki.valid.tokens", "ptb.valid.txt"),
