@@ -150,6 +150,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.split == "all" and "all" not in getattr(corpus, "bounds", {}):
         raise ConfigError(f"--split all scores the whole text of a file, glob or folder without split files; "
                           f"{corpus.where} has train/valid/test of its own: choose --split train, valid or test")
+    if args.split == "all" and args.tune_cache:
+        raise ConfigError("--tune-cache chooses its settings on the valid split, which is part of the whole text "
+                          "being scored: score --split test, or give --cache with --cache-theta/--cache-lambda")
+    if args.split == "all" and args.dynamic == "rms":
+        raise ConfigError("--dynamic rms takes gradient statistics from the train split, which is part of the whole "
+                          "text being scored: score --split test, or use --dynamic sgd")
     stream = token_stream(corpus, args.split, tokenizer, progress=not args.json)
     dump = args.dump_tokens is not None
     result = evaluate(model, stream, bos_id=tokenizer.eos_id, batch_size=args.batch_size,

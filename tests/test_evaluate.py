@@ -395,6 +395,12 @@ def test_cli_eval_scores_a_held_out_file_given_to_corpus_whole_and_says_what_it_
     assert main(["eval", str(tiny_run), "--corpus", str(only_test), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert (r["tokens"], r["scored"]) == (whole, f"{only_test} (whole text)")
+    for flags, hint in ((["--tune-cache"], "--tune-cache chooses its settings on the valid split"),
+                        (["--dynamic", "rms"], "--dynamic rms takes gradient statistics from the train split")):
+        assert main(["eval", str(tiny_run), "--corpus", str(held), *flags]) == 2  # they would see scored text
+        assert hint in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--corpus", str(held), "--split", "test", "--tune-cache", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "test"
 
 
 def test_cli_eval_on_the_runs_own_split_corpus_is_unchanged_and_refuses_split_all(tiny_run, tiny_corpus, capsys):
