@@ -20,6 +20,12 @@ The rules, in the order they run:
 * A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
 * A run of two or more dots (``...``) is its own token.
 * A comma or period between digits becomes ``@,@`` / ``@.@``; other commas split off.
+* A typographic apostrophe is the corpus's ``'``: ``ʼ`` (U+02BC) everywhere, ``’`` (U+2019)
+  inside a word, at its start (``’tis``, ``’90s``) or at its end (``Girls’``), and ``‘``
+  (U+2018) between two letters (``don‘t``), so ``It’s`` splits as ``It 's``, as ``It's`` does.
+  A word-final ``’`` that closes a ``‘`` opened earlier on the line is a quotation mark
+  and stays one (``‘quoted’``), unless a later ``’`` after punctuation closes it instead
+  (``‘The Girls’ team won,’``).
 * ``X'Y`` splits before the apostrophe when ``'Y`` is a clitic (``it 's``, ``don 't``
   -- WikiText splits before the apostrophe, not before ``n``). Other apostrophes
   split off on both sides (``Girls '``, ``' quoted '``).
@@ -56,7 +62,7 @@ _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 3
+RULES = 4
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")
@@ -67,6 +73,13 @@ _MULTIDOT = re.compile(r"\.{2,}")
 # <unk> counts as a digit next to a digit: WikiText replaced rare numbers ("1 @,@ <unk>").
 _NUMBER_SEP = re.compile(rf"([.,])(?:(?<=\d[.,])(?=[\d{_PH}])|(?<={_PH}[.,])(?=\d))")
 _COMMA = re.compile(r",(?:(?<!@,)|(?!@))")  # every comma but the one inside "@,@"
+# Typographic apostrophes (see the module docstring); what is left of "’" and "‘" after
+# these are quotation marks, split off as symbols.
+_CURLY_INNER = re.compile(rf"[\u2019\u2018](?<={_ALNUM}.)(?={_LETTER})")
+_CURLY_INITIAL = re.compile(rf"\u2019(?<!{_ALNUM}.)(?={_ALNUM})")
+_CURLY_FINAL = re.compile(rf"\u2019(?<={_ALNUM}.)")  # (the inner ones are gone by then)
+_SINGLE_QUOTES = re.compile("[\u2018\u2019]")
+_AFTER_ALNUM = re.compile(rf"(?<={_ALNUM})")
 _APOS_ALONE = re.compile(rf"'(?!{_LETTER})")
 _APOS_CLITIC = re.compile(rf"'(?:(?<={_LETTER}')(?={_CLITIC})|(?<=\d')(?=(?i:s)(?!{_LETTER})))")
 # An apostrophe before a letter splits off unless it follows a word, or is an
@@ -99,12 +112,38 @@ def _final_period(m: re.Match[str]) -> str:
     return "." if keep else " ."
 
 
+def _curly_apostrophes(text: str) -> str:
+    text = _CURLY_INITIAL.sub("'", _CURLY_INNER.sub("'", text.replace("\u02bc", "'")))
+    if "\u2018" not in text:
+        return _CURLY_FINAL.sub("'", text)
+    # A "‘" is open: a word-final "’" may close it. Walk the quotation marks (not the
+    # characters) in order: a "’" right after punctuation closes the quote; a word-final
+    # one closes it only when no such "’" follows before the next "‘". (One after a space
+    # stands alone: neither.)
+    marks = [(m.start(), m[0] == "\u2018", _AFTER_ALNUM.match(text, m.start()) is not None,
+              m.start() > 0 and not text[m.start() - 1].isspace()) for m in _SINGLE_QUOTES.finditer(text)]
+    closing = set()
+    open_quote = False
+    for k, (at, opens, word_final, attached) in enumerate(marks):
+        if opens:
+            open_quote = True
+        elif not word_final:
+            open_quote = open_quote and not attached
+        elif open_quote:
+            if next((o for _, o, w, a in marks[k + 1 :] if o or (a and not w)), True):
+                closing.add(at)  # the next "‘" (or the end) comes first: this "’" closes
+                open_quote = False
+    return _CURLY_FINAL.sub(lambda m: m[0] if m.start() in closing else "'", text)
+
+
 def pretokenize(text: str) -> str:
     """One line of natural text as WikiText-convention tokens joined by single spaces."""
     text = _INVISIBLE.sub("", text).replace(_ZWSP, " ")
     if not text.isascii() and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)  # "e" + U+0301 (macOS, copied text) is the corpus's "é"
     text = " ".join(text.split()).replace("<unk>", _PH)
+    if "\u2019" in text or "\u02bc" in text or "\u2018" in text:
+        text = _curly_apostrophes(text)
     text = _SPECIAL.sub(r" \1\2 ", text)
     text = _HYPHEN.sub(" @-@ ", text)
     text = _MULTIDOT.sub(r" \g<0> ", text)

@@ -33,7 +33,9 @@ SUBWORD_KINDS = ("unigram", "bpe")
 DEFAULT_SUBWORD_VOCAB = 8000  # pieces, when --vocab-size is 0 for a subword tokenizer
 SUBWORD_SAMPLE = 2_000_000  # training lines SentencePiece samples (bounds its memory)
 MAX_WORD_CHARS = 512  # SentencePiece's limit; longer words map to <unk>
-_CURLY_APOSTROPHE = re.compile(r"(?<=[^\W\d_])\u2019(?=[^\W\d_]|$)")  # after a letter, before one or the end
+# A "’" just typed after a letter, at the end of the text: an apostrophe being typed ("don’"
+# before the "t"), even inside a "‘" quote, where pretokenize would read it as the closing mark.
+_CURLY_APOSTROPHE_TYPED = re.compile(r"(?<=[^\W\d_])\u2019$")
 _WS = "\u2581"  # SentencePiece's word-boundary marker, prefixed to every word piece
 
 
@@ -203,8 +205,9 @@ class Tokenizer:
         """What a user typed, split as the training text was: "Hello, world." ->
         ["Hello", ",", "world", "."]. A typographic apostrophe inside or at the end of a
         word (phones and macOS type "it’s") is read as the corpus's "'": "it 's", the
-        form WikiText holds thousands of times, not "it ’ s"."""
-        text = _CURLY_APOSTROPHE.sub("'", text)
+        form WikiText holds thousands of times, not "it ’ s" (``pretokenize``'s rule, as
+        for training text; one that ends the text is always an apostrophe: "‘I don’")."""
+        text = _CURLY_APOSTROPHE_TYPED.sub("'", text)
         return pretokenize(text.lower() if self.lowercase else text).split()
 
     def encode_typed(self, text: str) -> list[int]:
