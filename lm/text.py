@@ -159,8 +159,14 @@ def pretokenize(text: str) -> str:
 
 
 _GLUE = {"@-@": "-", "@,@": ",", "@.@": "."}
-_NO_SPACE_BEFORE = frozenset(", . ; : ! ? ) ] } % ... … n't".split())
-_NO_SPACE_AFTER = frozenset("( [ { $ £ € ¥ ₹ #".split())
+# Typographic quotation marks say which way they face: “ and ‘ open, ” closes (German „
+# and ‚ open the quotes that “ and ‘ close there). ’ closes a quote only where one is open
+# or after a sentence's punctuation: the benchmark corpora split it as an apostrophe
+# ("Children ’ s", as Moses did), and raw text reads those as "'" (see _line).
+_NO_SPACE_BEFORE = frozenset(", . ; : ! ? ) ] } % ... … n't ”".split())
+_CLOSES_AFTER = frozenset(", . ! ? ... …".split())
+_NO_SPACE_AFTER = frozenset("( [ { $ £ € ¥ ₹ # “ ‘ „ ‚".split())
+_LOW_OPENERS = {"„": "“", "‚": "‘"}  # German: „quoted“, ‚quoted‘
 _CLITIC_TOKEN = re.compile(r"'[^\W\d_]")
 
 
@@ -177,6 +183,8 @@ def _line(tokens: list[str]) -> str:
     out: list[str] = []
     stick_next = True  # nothing goes before the first token
     double_open = single_open = False
+    low_open: list[str] = []  # the closing marks that German quotes opened on this line wait for
+    curly_open = False  # a ‘ is open
     for i, tok in enumerate(tokens):
         prev = tokens[i - 1] if i else None
         nxt = tokens[i + 1] if i + 1 < len(tokens) else None
@@ -188,6 +196,15 @@ def _line(tokens: list[str]) -> str:
         elif tok == '"':
             double_open = not double_open
             left, right = not double_open, double_open
+        elif tok in _LOW_OPENERS:
+            low_open.append(_LOW_OPENERS[tok])
+        elif low_open and tok == low_open[-1]:
+            low_open.pop()
+            left, right = True, False  # the “ of „…“ closes
+        elif tok == "‘":
+            curly_open = True
+        elif tok == "’" and (curly_open or prev in _CLOSES_AFTER):
+            curly_open, left = False, True
         elif tok == "'":
             # A lone apostrophe closes a quote or marks a plural possessive ("Girls'");
             # it opens a quote only where neither reading fits.
