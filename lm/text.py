@@ -62,7 +62,7 @@ _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 4
+RULES = 5
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")

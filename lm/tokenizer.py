@@ -207,8 +207,8 @@ class Tokenizer:
         word (phones and macOS type "it’s") is read as the corpus's "'": "it 's", the
         form WikiText holds thousands of times, not "it ’ s" (``pretokenize``'s rule, as
         for training text; one that ends the text is always an apostrophe: "‘I don’")."""
-        text = _CURLY_APOSTROPHE_TYPED.sub("'", text)
-        return pretokenize(text.lower() if self.lowercase else text).split()
+        text = pretokenize(_CURLY_APOSTROPHE_TYPED.sub("'", text))
+        return (text.lower() if self.lowercase else text).split()
 
     def encode_typed(self, text: str) -> list[int]:
         """Ids of typed text (pretokenized whatever the convention); a newline is <eos>."""
@@ -267,6 +267,6 @@ class Tokenizer:
 def _preparer(text: str, lowercase: bool):
     """The per-line preparation a text convention needs, or None when lines are used as
     they are (the benchmark path stays a plain split)."""
-    if text == "raw":
-        return (lambda line: pretokenize(line.lower())) if lowercase else pretokenize
+    if text == "raw":  # split first, then fold: the split reads case ("quietly. In" ends a sentence)
+        return (lambda line: pretokenize(line).lower()) if lowercase else pretokenize
     return str.lower if lowercase else None
