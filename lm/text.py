@@ -31,7 +31,11 @@ The rules, in the order they run:
   split off on both sides (``Girls '``, ``' quoted '``).
 * A word-final period splits off, except after an abbreviation with an inner period
   (``U.S.``, ``e.g.``), a Moses non-breaking prefix (``Dr.``, ``St.``, ``A.``; ``No.``
-  only before a number), or when the next word starts in lower case.
+  only before a number), or a common abbreviation before a word in lower case (``Jr. and``,
+  ``etc. and``, ``et al. found``). Moses keeps the period before any lower-case word;
+  in WikiText that only ever meets such abbreviations (Wikipedia's sentences start with a
+  capital), but in chat and notes it meets sentence ends (``ok. see you``), so we keep it
+  only after known ones.
 
 One deliberate difference: WikiText also splits ``O'Brien`` as ``O 'Brien``. We keep
 such words whole. Split, ``O 'Brien`` looks just like a quote opened after a word
@@ -62,7 +66,7 @@ _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 5
+RULES = 6
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")
@@ -98,6 +102,11 @@ _NONBREAKING = frozenset(
     rev e.g Nos Nr Jan Feb Mar Apr Jun Jul Aug Sep Oct Nov Dec""".split()
 )
 _NUMERIC_ONLY = frozenset(["No", "Art", "pp"])
+# Abbreviations that WikiText keeps whole before a lower-case word (Moses' rule: "Jr. and",
+# "Inc. and", "c. the", "var. alba", "et al. found", "7th Ave. and", "p. xxii"), and common
+# ones like them; words that also end sentences ("lit", "fig", "min", "mm") are not among them.
+_BEFORE_LOWER = frozenset("""Jr Inc Ltd Co Corp Bros Ave etc al c ca cf approx var ssp subsp sp spp viz esp
+    incl vol vols p lbs""".split())
 
 
 def _final_period(m: re.Match[str]) -> str:
@@ -106,7 +115,7 @@ def _final_period(m: re.Match[str]) -> str:
     keep = (
         ("." in pre and _HAS_LETTER.search(pre) is not None)
         or pre in _NONBREAKING
-        or following.islower()
+        or (following.islower() and pre in _BEFORE_LOWER)
         or (pre in _NUMERIC_ONLY and (following.isdigit() or following == _PH))
     )
     return "." if keep else " ."
