@@ -15,8 +15,11 @@ The rules, in the order they run:
   U+FEFF stays: WikiText keeps it as a token of its own.
 * Text is put in Unicode's composed form (NFC), as corpora are: a letter typed as a
   base letter plus a combining accent is the corpus's accented letter.
+* E-mail addresses and URLs (``bob@example.com``, ``https://example.com/a?b=1``,
+  ``www.example.com``) are one token each; a period or bracket after one is not its own.
 * Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
-  ``( ) " ; : ! ? % $ & / – —`` and so on. ``<unk>`` stays one token.
+  ``( ) " ; : ! ? % $ & / – —`` and so on; an emoji is one token with all it is made of
+  (``👍🏽``, ``👨‍👩‍👧``, ``🇬🇧``, ``#️⃣``). ``<unk>`` stays one token.
 * A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
 * A run of two or more dots (``...``) is its own token.
 * A comma or period between digits becomes ``@,@`` / ``@.@``; other commas split off.
@@ -44,10 +47,13 @@ pretokenizing twice would not give the same result as pretokenizing once.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 
 _PH = "\uFDD0"  # a Unicode noncharacter standing in for <unk> while regexes run
+_LINK_PH = "\uFDD1"  # another, for each e-mail address or URL (put back at the end)
+_WORD_PH = _PH + _LINK_PH  # both are read as letters
 
 
 def _chars(category_prefix: str) -> str:
@@ -61,17 +67,28 @@ def _chars(category_prefix: str) -> str:
 # numeric symbols such as "²" and "½" (Moses splits those off).
 # The zero-width non-joiner and joiner shape the letters around them: marks too.
 _MARKS, _NUM_SYMBOLS = re.escape(_chars("M") + "\u200c\u200d"), re.escape(_chars("No"))
-_LETTER = rf"(?:(?![{_NUM_SYMBOLS}])[^\W\d_]|[{_MARKS}{_PH}])"
-_ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_PH}])"
+_LETTER = rf"(?:(?![{_NUM_SYMBOLS}])[^\W\d_]|[{_MARKS}{_WORD_PH}])"
+_ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_WORD_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 6
+RULES = 7
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
-_INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f]")
+_INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufdd1]")
 _ZWSP = "\u200b"
-_SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|([^\w\s.'`,\-{_MARKS}{_PH}]|[_{_NUM_SYMBOLS}])")
+# A symbol keeps what makes one emoji of it (a grapheme cluster): a variation selector, a
+# keycap, a skin tone, tag characters (subdivision flags), a second regional indicator (a
+# flag), and further symbols joined by a zero-width joiner (👨‍👩‍👧).
+_SYMBOL = rf"[^\w\s.'`,\-{_MARKS}{_WORD_PH}]"
+_RI = "\U0001F1E6-\U0001F1FF"
+_EMOJI = rf"{_SYMBOL}(?:(?<=[{_RI}])[{_RI}])?(?:[\uFE0E\uFE0F\u20E3\U0001F3FB-\U0001F3FF\U000E0020-\U000E007F]|\u200D(?![\x00-\x7f]){_SYMBOL})*"
+_SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|({_EMOJI}|[_{_NUM_SYMBOLS}])")
+_EMAIL_AT = re.compile(r"@(?<=\w@)(?=\w)")
+# E-mail addresses and URLs stay whole (a trailing period, or a bracket they do not open,
+# is not theirs).
+_LINK = re.compile(r"(?<![\w+-])\w[\w.+-]*@(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_]{2,}(?![\w@-])"
+                   r"|(?<![\w@])(?:(?i:https?|ftp)://|www\.)(?:[^\s<>\"“”‘’()]|\([^\s<>\"“”‘’()]*\))+(?<![.,;:!?'’\]}])")
 _HYPHEN = re.compile(rf"-(?<={_ALNUM}-)(?={_ALNUM})")
 _MULTIDOT = re.compile(r"\.{2,}")
 # <unk> counts as a digit next to a digit: WikiText replaced rare numbers ("1 @,@ <unk>").
@@ -151,6 +168,9 @@ def pretokenize(text: str) -> str:
     if not text.isascii() and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)  # "e" + U+0301 (macOS, copied text) is the corpus's "é"
     text = " ".join(text.split()).replace("<unk>", _PH)
+    links: list[str] = []
+    if "://" in text or "www." in text or _EMAIL_AT.search(text):  # (not "@-@": a fast test first)
+        text = _LINK.sub(lambda m: links.append(m[0]) or _LINK_PH, text)
     if "\u2019" in text or "\u02bc" in text or "\u2018" in text:
         text = _curly_apostrophes(text)
     text = _SPECIAL.sub(r" \1\2 ", text)
@@ -164,6 +184,8 @@ def pretokenize(text: str) -> str:
         text = _APOS_OPEN.sub(" ' ", text)
     # The period rule looks at the next word, so it runs once every other split is done.
     text = _FINAL_PERIOD.sub(_final_period, " ".join(text.split()))
+    if links:
+        text = "".join(itertools.chain.from_iterable(zip(text.split(_LINK_PH), [*links, ""])))
     return text.replace(_PH, "<unk>")
 
 
