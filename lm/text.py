@@ -17,18 +17,18 @@ The rules, in the order they run:
   base letter plus a combining accent is the corpus's accented letter.
 * E-mail addresses and URLs (``bob@example.com``, ``https://example.com/a?b=1``,
   ``www.example.com``) are one token each; a period or bracket after one is not its own.
-* Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
-  ``( ) " ; : ! ? % $ & / – —`` and so on; an emoji is one token with all it is made of
-  (``👍🏽``, ``👨‍👩‍👧``, ``🇬🇧``, ``#️⃣``). ``<unk>`` stays one token.
-* A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
-* A run of two or more dots (``...``) is its own token.
-* A comma or period between digits becomes ``@,@`` / ``@.@``; other commas split off.
 * A typographic apostrophe is the corpus's ``'``: ``ʼ`` (U+02BC) everywhere, ``’`` (U+2019)
   inside a word, at its start (``’tis``, ``’90s``) or at its end (``Girls’``), and ``‘``
   (U+2018) between two letters (``don‘t``), so ``It’s`` splits as ``It 's``, as ``It's`` does.
   A word-final ``’`` that closes a ``‘`` opened earlier on the line is a quotation mark
   and stays one (``‘quoted’``), unless a later ``’`` after punctuation closes it instead
   (``‘The Girls’ team won,’``).
+* Every symbol that is not a letter, digit, space, ``. ' ` , -`` is its own token:
+  ``( ) " ; : ! ? % $ & / – —`` and so on; an emoji is one token with all it is made of
+  (``👍🏽``, ``👨‍👩‍👧``, ``🇬🇧``, ``#️⃣``). ``<unk>`` stays one token.
+* A hyphen between two letters or digits becomes ``@-@``; other hyphens stay put.
+* A run of two or more dots (``...``) is its own token.
+* A comma or period between digits becomes ``@,@`` / ``@.@``; other commas split off.
 * ``X'Y`` splits before the apostrophe when ``'Y`` is a clitic (``it 's``, ``don 't``
   -- WikiText splits before the apostrophe, not before ``n``). Other apostrophes
   split off on both sides (``Girls '``, ``' quoted '``).
@@ -36,8 +36,8 @@ The rules, in the order they run:
   (``U.S.``, ``e.g.``), a Moses non-breaking prefix (``Dr.``, ``St.``, ``A.``; ``No.``
   only before a number), or a common abbreviation before a word in lower case (``Jr. and``,
   ``etc. and``, ``et al. found``). Moses keeps the period before any lower-case word;
-  in WikiText that only ever meets such abbreviations (Wikipedia's sentences start with a
-  capital), but in chat and notes it meets sentence ends (``ok. see you``), so we keep it
+  in WikiText that is nearly always such an abbreviation (Wikipedia's sentences start with
+  a capital), but in chat and notes it is a sentence end (``ok. see you``), so we keep it
   only after known ones.
 
 One deliberate difference: WikiText also splits ``O'Brien`` as ``O 'Brien``. We keep
