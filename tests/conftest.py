@@ -82,3 +82,14 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Each test starts with the thread count the session started with: an in-process
+    `lm eval`/`generate` sets one thread per core, and a test after it that times or
+    loops over tiny products would otherwise run with that (a 2 s test took 320 s on a
+    busy machine)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

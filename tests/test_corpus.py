@@ -33,11 +33,11 @@ def test_standard_token_counts_and_vocabulary(name, mirror, monkeypatch):
     assert corpus.expected == {"tokens": standard[0], "vocab": standard[1]}
 
 
-def test_cli_corpus_info_json_reports_the_standard_counts(mirror):
+def test_cli_corpus_info_json_reports_the_standard_counts(mirror, tmp_path):
     if mirror is None:
         pytest.skip("no local corpus mirror (set LM_CORPORA)")
     out = subprocess.run([sys.executable, "-m", "lm", "corpus", "info", "ptb", "--json"], cwd=REPO,
-                         env={"LM_CORPORA": str(mirror), "PATH": "/usr/bin:/bin"},
+                         env={"LM_CORPORA": str(mirror), "LM_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True).stdout
     info = json.loads(out)
     assert info["tokens"] == {"train": 929589, "valid": 73760, "test": 82430} and info["vocab"] == 10000

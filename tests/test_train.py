@@ -36,11 +36,11 @@ def test_run_writes_best_last_and_metrics(tiny_run):
     assert best["metrics"]["valid_ppl"] == min(r["valid_ppl"] for r in epochs)
 
 
-def test_checkpoint_round_trip_gives_identical_logits(tiny_run):
+def test_checkpoint_round_trip_gives_identical_logits(tiny_run, tmp_path):
     cfg, model, tok, ckpt = checkpoint.load_model(tiny_run / "last.pt")
     x = torch.tensor([tok.encode_line("the cat sat on the mat .")])
     before, _ = model(x)
-    again = checkpoint.restore(checkpoint.load(checkpoint.save(ckpt, tiny_run / "copy.pt")))[1]
+    again = checkpoint.restore(checkpoint.load(checkpoint.save(ckpt, tmp_path / "copy.pt")))[1]
     after, _ = again(x)
     assert torch.equal(model.log_probs(before), again.log_probs(after))
     assert ckpt["state"]["step"] > 0 and "optimizer" in ckpt and ckpt["format"] == "lm-checkpoint"
