@@ -76,6 +76,52 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, hint: str,
     return path
 
 
+def check_replaceable(path: str | Path, flag: str, what: str, same_kind: Callable[[Path], bool]) -> None:
+    """Refuse an output ``path`` (given by ``flag``) that already holds a file lm must not
+    replace: anything but an empty file or an earlier output of the same kind, which
+    ``same_kind`` recognises (``what`` names it for the message). A checkpoint, the
+    user's text or any other file stays as it is, with a one-line ConfigError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    if not path.is_file():  # nothing there (or a device such as /dev/stdout, written in place)
+        return
+    try:
+        if path.stat().st_size == 0 or same_kind(path):
+            return
+    except OSError:
+        pass
+    raise ConfigError(f"{flag} {path} already exists and is {kind_of_file(path)}, not {what}: it is left as it "
+                      f"is; choose another {flag}, or delete the file first if you no longer need it")
+
+
+def kind_of_file(path: Path) -> str:
+    """What an existing file is, in a few words, for messages that refuse to replace it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return "a file lm cannot read"
+    if head.startswith(b"PK\x03\x04"):
+        if _is_ngram_model(path):
+            return "an n-gram model"
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("data.pkl") for n in z.namelist()):
+                    return "a checkpoint"
+        except (OSError, zipfile.BadZipFile):
+            pass
+        return "a zip archive"
+    if head[:1] == b"\x80":
+        return "a pickle (an older checkpoint?)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the 4 KB boundary
+            return "a binary file"
+    return "a text file"
+
+
 def check_writable(directory: str | Path) -> None:
     """Fail now, not at the first checkpoint an hour from now, if nothing can be written
     to ``directory``: write a probe file into it or, while it does not exist yet, check

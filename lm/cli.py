@@ -249,7 +249,11 @@ def _check_eval_methods(args: argparse.Namespace) -> None:
     from lm import cache, dynamic
 
     if args.dump_tokens is not None:
+        from lm.checkpoint import check_replaceable
+        from lm.evaluate import is_token_dump
+
         _check_output_path("--dump-tokens", args.dump_tokens)
+        check_replaceable(args.dump_tokens, "--dump-tokens", "a token dump", is_token_dump)
     cache.check_settings(args.cache_window or cache.WINDOW, _or(args.cache_theta, cache.THETA),
                          _or(args.cache_lambda, cache.LAMBDA))
     if args.dynamic:
@@ -330,9 +334,12 @@ def _print_eval_methods(r: dict) -> None:
 
 def cmd_ngram_train(args: argparse.Namespace) -> int:
     from lm.data import token_stream
-    from lm.ngram import KneserNey, check_order
+    from lm.checkpoint import check_replaceable
+    from lm.ngram import KneserNey, check_order, is_ngram_model
 
     check_order(args.order)  # before the corpus is read and tokenized
+    if args.out:  # and a file --out must not replace (a checkpoint, a text) is refused before it too
+        check_replaceable(args.out, "--out", "an n-gram model", is_ngram_model)
     corpus, spec, held_out, tokenizer, run = _ngram_source(args)
     start = time.perf_counter()
     stream = token_stream(corpus, "train", tokenizer, progress=not args.json)

@@ -3,6 +3,7 @@ the per-token dump. (Evaluation-time methods that change the prediction live in
 ``lm.cache`` and ``lm.dynamic``.)"""
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -76,20 +77,54 @@ def write_token_dump(path: str | Path, stream: torch.Tensor, tokens: list[str], 
 
     A path ending in ``.jsonl`` gets JSON lines ({"position": 0, "token": "the",
     "logprob": -3.2, ...}); any other gets tab-separated values with a header row
-    (``position  token  logprob ...``). ``tokens[i]`` is the display string of id i."""
+    (``position  token  logprob ...``). ``tokens[i]`` is the display string of id i.
+
+    The file is written atomically (a failure leaves what was there), and only over
+    nothing, an empty file or an earlier dump (``is_token_dump``): never over a
+    checkpoint or a text. A device such as /dev/stdout is written in place."""
+    from lm.checkpoint import atomic_write, check_replaceable
+
     path = Path(path)
+    check_replaceable(path, "--dump-tokens", "a token dump", is_token_dump)
     names = list(columns)
     values = torch.stack([columns[k].double() for k in names], dim=1).tolist()  # (N, C)
     ids = stream.tolist()
+
+    def write(raw) -> None:
+        f = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+        if path.suffix == ".jsonl":
+            for pos, (i, row) in enumerate(zip(ids, values)):
+                f.write(json.dumps({"position": pos, "token": tokens[i], **dict(zip(names, row))}) + "\n")
+        else:
+            f.write("\t".join(["position", "token", *names]) + "\n")
+            for pos, (i, row) in enumerate(zip(ids, values)):
+                f.write(f"{pos}\t{tokens[i]}\t" + "\t".join(f"{v:.6f}" for v in row) + "\n")
+        f.flush()
+        f.detach()  # the caller closes (and fsyncs) the file
+
+    hint = "choose another path"
+    if path.exists() and not path.is_file():  # /dev/stdout, a fifo: nothing to replace, written in place
+        try:
+            with open(path, "wb") as raw:
+                write(raw)
+        except OSError as e:
+            raise LMError(f"cannot write --dump-tokens file {path}: {e.strerror or e}; {hint}") from None
+        return path
+    return atomic_write(path, write, hint=hint, error=LMError)
+
+
+def is_token_dump(path: str | Path) -> bool:
+    """Whether ``path`` starts as ``write_token_dump`` starts its files: the header row
+    ``position<TAB>token<TAB>...``, or a JSON line {"position": 0, "token": ...}."""
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                for pos, (i, row) in enumerate(zip(ids, values)):
-                    f.write(json.dumps({"position": pos, "token": tokens[i], **dict(zip(names, row))}) + "\n")
-            else:
-                f.write("\t".join(["position", "token", *names]) + "\n")
-                for pos, (i, row) in enumerate(zip(ids, values)):
-                    f.write(f"{pos}\t{tokens[i]}\t" + "\t".join(f"{v:.6f}" for v in row) + "\n")
-    except OSError as e:
-        raise LMError(f"cannot write --dump-tokens file {path}: {e.strerror or e}; choose another path") from None
-    return path
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16)
+    except OSError:
+        return False
+    if first.startswith(b"position\ttoken\t"):
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and list(record)[:2] == ["position", "token"] and record["position"] == 0

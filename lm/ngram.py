@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from lm import __version__
-from lm.checkpoint import atomic_write
+from lm.checkpoint import atomic_write, check_replaceable
 from lm.errors import CheckpointError, ConfigError
 from lm.tokenizer import Tokenizer
 
@@ -256,6 +256,7 @@ class KneserNey:
             if k:
                 arrays[f"keys{k + 1}"] = self.keys[k]
             arrays[f"counts{k + 1}"] = self.counts[k].astype(np.uint32)
+        check_replaceable(path, "--out", "an n-gram model", is_ngram_model)  # never a checkpoint or a text
         # np.savez gets a file object: given a name, it would append ".npz"
         return atomic_write(path, lambda f: np.savez(f, **arrays), hint="choose another --out")
 
@@ -302,6 +303,19 @@ class KneserNey:
                                   "lm ngram train") from None
         _check_tables(keys, counts, V, path)
         return cls(keys, counts, V, bos_id, tokenizer, meta)
+
+
+def is_ngram_model(path: str | Path) -> bool:
+    """Whether ``path`` is a file that ``lm ngram train`` wrote: an .npz archive whose
+    meta entry carries this format's tag (its arrays are not read)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                return False
+            meta = json.loads(z["meta"].tobytes().decode())
+    except Exception:  # noqa: BLE001 - anything unreadable as such is not one
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # what KenLM's --discount_fallback takes

@@ -250,3 +250,39 @@ def test_an_unknown_flag_is_reported_by_its_command():
         proc = run_lm(*argv)
         assert_one_line_error(proc, 2, f"{prog}: error: unrecognized arguments: {' '.join(argv[argv.index('--bogus'):])} "
                                        f"(see {prog} --help)")
+
+
+def test_dump_tokens_never_replaces_a_checkpoint_or_a_text(tiny_run, tmp_path):
+    """--dump-tokens RUN/last.pt (or any file) once overwrote it with rc 0: now only an
+    earlier dump (or an empty file) is replaced; anything else keeps its bytes."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    text = tmp_path / "notes.txt"
+    text.write_text("my own notes\n")
+    for target, kind in ((run / "last.pt", "a checkpoint"), (text, "a text file")):
+        before = target.read_bytes()
+        proc = run_lm("eval", run, "--dump-tokens", target)
+        assert_one_line_error(proc, 2, f"--dump-tokens {target} already exists and is {kind}, not a token dump")
+        assert "choose another --dump-tokens" in proc.stderr
+        assert target.read_bytes() == before
+
+
+def test_dump_tokens_replaces_an_earlier_dump_and_writes_atomically(tiny_run, tmp_path, capsys):
+    from lm.evaluate import is_token_dump, write_token_dump
+
+    for name in ("t.tsv", "t.jsonl"):
+        dump = tmp_path / name
+        assert main(["eval", str(tiny_run), "--dump-tokens", str(dump)]) == 0
+        first = dump.read_bytes()
+        assert is_token_dump(dump)
+        assert main(["eval", str(tiny_run), "--dump-tokens", str(dump)]) == 0  # an earlier dump: replaced
+        assert dump.read_bytes() == first
+        with pytest.raises(IndexError):  # fails after writing a few rows (token 5 has no string)
+            write_token_dump(dump, torch.tensor([0, 1, 5]), ["a", "b"], {"logprob": torch.zeros(3)})
+        assert dump.read_bytes() == first  # the earlier dump is whole, and no temporary stays behind
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    empty = tmp_path / "empty.tsv"
+    empty.touch()  # as mktemp makes one: nothing to lose
+    assert main(["eval", str(tiny_run), "--dump-tokens", str(empty)]) == 0 and is_token_dump(empty)

@@ -227,3 +227,36 @@ def test_ngram_train_checks_the_order_before_it_reads_the_corpus(tmp_path, monke
     monkeypatch.setattr(cli, "_ngram_source", never)
     with pytest.raises(ConfigError, match="--order must be between 1 and 9, got 12"):
         cli.cmd_ngram_train(cli.build_parser().parse_args(["ngram", "train", str(tmp_path), "--order", "12"]))
+
+
+def test_out_never_replaces_a_checkpoint_or_a_text_file(tiny_run, tiny_corpus, tmp_path):
+    """--out RUN/last.pt once replaced the run's resume checkpoint with an n-gram model,
+    and --out heldout.txt turned a text into an npz: both are refused, before any
+    counting, and the file keeps its bytes."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    text = tmp_path / "heldout.txt"
+    shutil.copy(tiny_corpus / "valid.txt", text)
+    for source, out, kind in ((run, run / "last.pt", "a checkpoint"), (run, run / "best.pt", "a checkpoint"),
+                              (tiny_corpus / "train.txt", text, "a text file")):
+        before = out.read_bytes()
+        proc = run_lm("ngram", "train", source, "--order", "2", "--out", out)
+        assert_one_line_error(proc, 2, f"--out {out} already exists and is {kind}, not an n-gram model")
+        assert "choose another --out" in proc.stderr
+        assert out.read_bytes() == before
+    assert run_lm("train", "--resume", run, "--epochs", "4", "--max-steps", "1", "--quiet").returncode == 0
+
+
+def test_out_replaces_an_earlier_ngram_model(tiny_ngram, tmp_path, capsys):
+    out = tmp_path / "kn.npz"
+    out.write_bytes(tiny_ngram.read_bytes())
+    corpus = KneserNey.load(tiny_ngram).meta["corpus"]
+    assert main(["ngram", "train", corpus, "--order", "2", "--out", str(out)]) == 0
+    assert KneserNey.load(out).order == 2  # the order-3 model it replaced is gone, as asked
+    with pytest.raises(ConfigError, match="is a text file, not an n-gram model"):  # the library refuses too
+        text = tmp_path / "notes.txt"
+        text.write_text("my notes\n")
+        KneserNey.load(out).save(text)
+    assert text.read_text() == "my notes\n"
