@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lm import __version__
 from lm.config import (DataConfig, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig, add_flags,
-                       load_config_file, overrides_from_args)
+                       check_threads, load_config_file, overrides_from_args)
 from lm.errors import ConfigError, LMError
 
 
@@ -540,7 +540,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _predictor_flags(p: argparse.ArgumentParser, learn: bool = True) -> None:
-    p.add_argument("--threads", type=_nonneg_int, default=1, help="torch threads; 0 = one per core (default: 1)")
+    p.add_argument("--threads", type=_integer, default=1, help="torch threads; 0 = one per core (default: 1)")
     p.add_argument("--block", metavar="FILE", help="never suggest these words (whitespace-separated, any casing)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="int8 weights (lm.quantize): a word costs 2-4x less time, with the same top-k accuracy "
@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "without train.txt is scored whole unless --split says otherwise)")
     e.add_argument("--batch-size", type=_positive_int,
                    help=f"lanes; 1 is the exact reference (default: {EVAL_BATCH_SIZE})")
-    e.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads; 0 = one per core (default: 0)")
+    e.add_argument("--threads", type=_integer, default=0, help="torch threads; 0 = one per core (default: 0)")
     e.add_argument("--strict", action="store_true", help="refuse text with invalid UTF-8")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _autocomplete_flags(e)
@@ -691,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="text to continue, or @FILE for a file's text (@- standard input, @@ a literal @)")
     g.add_argument("--max-words", type=int, default=50, metavar="N", help="tokens to generate, 1 to 1,000,000: words, punctuation marks and line breaks each "
                         "count one (a subword model's: pieces) (default: 50)")
-    g.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads (default: 1; one word is a small step)")
+    g.add_argument("--threads", type=_integer, default=1, help="intra-op threads (default: 1; one word is a small step)")
     g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="int8 weights (lm.quantize): about 4x the words/s of float weights for the default model, "
                         "test perplexity +0.1%%; --no-int8 keeps the float weights (default: int8)")
@@ -756,18 +756,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(s: str) -> int:
+def _integer(s: str) -> int:
+    """Any integer; its range is checked after parsing (--threads: check_threads)."""
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    v = _integer(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
-
-
-def _nonneg_int(s: str) -> int:
-    return 0 if s == "0" else _positive_int(s)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -785,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         prog = " ".join(["lm", args.command] + ([args.action] if getattr(args, "action", None) else []))
         parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     try:
+        if getattr(args, "threads", None) is not None:  # every command's --threads, checked once, before any work
+            check_threads(args.threads)
         return args.func(args)
     except LMError as e:
         print(f"lm {args.command}: error: {e}", file=sys.stderr)

@@ -137,7 +137,7 @@ class TrainConfig:
         _at_least("save_every", self.save_every, 0)
         _between("seed", self.seed, 0, MAX_SEED)
         _between("log_every", self.log_every, 1, 10**9)
-        _between("threads", self.threads, 0, 1024)
+        check_threads(self.threads)
         _choice("device", self.device, ("cpu", "cuda", "auto"))
 
 
@@ -353,6 +353,17 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _at_least(name: str, value: float, low: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{_flag(name)} must be a number >= {low}, got {value!r}")
+
+
+MAX_THREADS = 1024  # more only crashes: thousands of threads fail to start (libgomp), more segfault
+
+
+def check_threads(threads: int) -> None:
+    """The one check of every command's --threads (lm train's, eval's, generate's,
+    complete's, repl's, serve's): 0, one thread per available core, up to MAX_THREADS."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be between 0 and {MAX_THREADS} (0 = one per available core), "
+                          f"got {threads!r}")
 
 
 def _between(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lm import checkpoint
 from lm.batching import batchify, bptt_windows
-from lm.config import Config, DataConfig, merge
+from lm.config import Config, DataConfig, check_threads, merge
 from lm.corpus import open_corpus, registry
 from lm.data import load_tokenizer, token_stream
 from lm.errors import CheckpointError, ConfigError, DataError, LMError
@@ -86,7 +86,9 @@ def available_cores() -> int:
 
 def set_threads(threads: int) -> int:
     """Use one intra-op thread per available core unless told otherwise, and keep freed
-    memory in the process (see ``keep_freed_memory``)."""
+    memory in the process (see ``keep_freed_memory``). ``threads`` out of range (see
+    ``check_threads``) is a one-line ConfigError, not a crash in torch's thread pool."""
+    check_threads(threads)
     n = threads or available_cores()
     torch.set_num_threads(n)
     keep_freed_memory()

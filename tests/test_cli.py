@@ -286,3 +286,33 @@ def test_dump_tokens_replaces_an_earlier_dump_and_writes_atomically(tiny_run, tm
     empty = tmp_path / "empty.tsv"
     empty.touch()  # as mktemp makes one: nothing to lose
     assert main(["eval", str(tiny_run), "--dump-tokens", str(empty)]) == 0 and is_token_dump(empty)
+
+
+@pytest.mark.parametrize("command", [["complete", "{run}", "the"], ["generate", "{run}"], ["eval", "{run}"],
+                                     ["repl", "{run}"], ["serve", "{run}", "--port", "0"], ["train"]])
+@pytest.mark.parametrize("threads", ["100000", "-1"])
+def test_threads_out_of_range_is_the_same_one_line_error_for_every_command(tiny_run, command, threads):
+    """--threads 100000 once segfaulted (rc 139) and 20000 failed in libgomp everywhere but
+    lm train; -1 said "must be at least 1" though 0 is allowed. One check, one message."""
+    argv = [a.format(run=tiny_run) for a in command] + ["--threads", threads]
+    proc = run_lm(*argv, stdin="")
+    assert_one_line_error(proc, 2, f"lm {command[0]}: error: --threads must be between 0 and 1024 "
+                                   f"(0 = one per available core), got {threads}")
+
+
+def test_threads_zero_and_the_top_of_the_range_are_accepted(tiny_run, capsys):
+    from lm.config import MAX_THREADS, check_threads
+    from lm.errors import ConfigError
+    from lm.train import set_threads
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["complete", str(tiny_run), "the", "--threads", "0", "--json"]) == 0
+        assert main(["complete", str(tiny_run), "the", "--threads", str(MAX_THREADS), "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ConfigError, match="--threads must be between 0 and 1024"):
+        set_threads(MAX_THREADS + 1)  # the library checks too (lm.bench, scripts)
+    for bad in (True, 1.5, "2"):
+        with pytest.raises(ConfigError):
+            check_threads(bad)
