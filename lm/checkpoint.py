@@ -278,10 +278,46 @@ def restore(ckpt: dict) -> tuple[Config, LSTMLM, Tokenizer]:
     return cfg, model, tokenizer
 
 
-def load_model(path: str | Path) -> tuple[Config, LSTMLM, Tokenizer, dict]:
+def load_model(path: str | Path, *, finite: bool = True) -> tuple[Config, LSTMLM, Tokenizer, dict]:
+    """Config, model, tokenizer and the checkpoint dict, for use; a checkpoint whose
+    weights hold a NaN or inf is refused in one line (``finite=False``: a caller that
+    uses only the tokenizer takes it anyway)."""
     ckpt = load(path)
+    if finite and (name := nonfinite_weight(ckpt)):
+        raise CheckpointError(damaged(resolve(path), name))
     cfg, model, tokenizer = restore(ckpt)
     return cfg, model, tokenizer, ckpt
+
+
+def nonfinite_weight(ckpt: dict) -> str | None:
+    """The name of the first floating-point weight holding a NaN or inf, or None: one
+    isfinite pass over the weights (and NT-ASGD's raw weights, which a resume loads)."""
+    for key in ("model", "raw_model"):
+        for name, v in (ckpt.get(key) or {}).items():
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return name
+    return None
+
+
+def _healthy(path: Path) -> bool:
+    """Whether ``path`` loads as a checkpoint with finite weights (for advice that works)."""
+    try:
+        return nonfinite_weight(load(path)) is None
+    except LMError:
+        return False
+
+
+def damaged(path: Path, name: str, *, resume: bool = False) -> str:
+    """The one-line message for a checkpoint with non-finite weights (``name``: the first),
+    with a way on that works: the run's other checkpoint where it has one."""
+    other = path.with_name("last.pt" if path.name == "best.pt" else "best.pt")
+    if other.is_file() and other.resolve() != path.resolve() and _healthy(other):
+        way = (f"resume from the other one with lm train --resume {other}" if resume
+               else f"use another checkpoint, e.g. {other}")
+        way += ", or retrain"
+    else:
+        way = f"retrain (lm train --run {path.parent} --overwrite starts the run over)" if resume else "retrain"
+    return f"{path} has non-finite weights (NaN/inf, first in {name}): it is damaged; {way}"
 
 
 def describe(path: str | Path) -> dict:
@@ -296,6 +332,7 @@ def describe(path: str | Path) -> dict:
     metrics, state = ckpt.get("metrics") or {}, ckpt.get("state") or {}
     m = cfg.model
     resumable = bool(state) and "optimizer" in ckpt
+    bad = nonfinite_weight(ckpt)
     # why resuming would train nothing, and what would let it go on (older checkpoints lack some keys)
     known = resumable and {"epoch", "step", "elapsed", "lr", "bad_evals"} <= state.keys()
     finished = (why_stopped(cfg.train, state) or None) if known else None
@@ -312,6 +349,7 @@ def describe(path: str | Path) -> dict:
         "optimizer": cfg.train.optimizer, "lr": metrics.get("lr"),
         "valid_ppl": metrics.get("valid_ppl"), "train_ppl": metrics.get("train_ppl"),
         "resumable": resumable, "finished": finished,
+        "finite": bad is None, "damage": damaged(file, bad) if bad else None,
         "config": ckpt["config"],
     }
 

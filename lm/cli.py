@@ -108,7 +108,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     d = describe(args.checkpoint)
     if args.json:
         _print_json(d)
-        return 0
+        return _damaged(d)
     layers = " + ".join(str(n) for n in d["layers"])
     head = ("full softmax" if d["head"] == "full" else
             f"adaptive head, cutoffs {','.join(map(str, d['cutoffs']))}" if d["cutoffs"] else "adaptive head with no clusters at this vocabulary size")
@@ -126,6 +126,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     run = Path(d["file"]).parent
     print(f"{ppl}; " + (f"the run has finished, {d['finished']} (lm train --resume {run})" if d["finished"]
                         else f"lm train --resume {run} continues it" if d["resumable"] else "no loop state to resume from"))
+    return _damaged(d)
+
+
+def _damaged(d: dict) -> int:
+    """lm info's exit: 0, or a one-line error after the description of a damaged checkpoint."""
+    if d["damage"]:
+        from lm.errors import CheckpointError
+        raise CheckpointError(d["damage"])
     return 0
 
 
@@ -371,7 +379,7 @@ def _ngram_source(args: argparse.Namespace):
     if src.suffix == ".pt" or (src.is_dir() and any((src / n).is_file() for n in ("best.pt", "last.pt"))):
         if flags:
             raise ConfigError(f"tokenizer flags do not apply to {src}: the n-gram model uses its tokenizer")
-        cfg, _, tokenizer, _ = load_model(src)
+        cfg, _, tokenizer, _ = load_model(src, finite=False)  # its tokenizer only: damaged weights do no harm
         corpus = open_corpus(cfg.data.corpus, held_out=cfg.data.held_out)
         return corpus, cfg.data.corpus, cfg.data.held_out, tokenizer, src if src.is_dir() else src.parent
     cfg = build_config({"data": {"corpus": args.source}}, flags)

@@ -320,6 +320,8 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
         checkpoint.check_writable(run_dir)
         checkpoint.remove_stale_temporaries(run_dir)
     ckpt = checkpoint.load(run_dir / "last.pt") if resume else None
+    if ckpt and (bad := checkpoint.nonfinite_weight(ckpt)):  # it would only roll back to itself, again and again
+        raise CheckpointError(checkpoint.damaged(run_dir / "last.pt", bad, resume=True))
     if ckpt and "rng" not in ckpt.get("state", {}):
         raise ConfigError(f"{run_dir / 'last.pt'} has no loop state to resume from (an older format): "
                           "start a new run")

@@ -316,3 +316,54 @@ def test_threads_zero_and_the_top_of_the_range_are_accepted(tiny_run, capsys):
     for bad in (True, 1.5, "2"):
         with pytest.raises(ConfigError):
             check_threads(bad)
+
+
+def _nan_copy(src, dst):
+    """``src`` with every float weight multiplied by NaN, saved (as damage would) to ``dst``."""
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.mark.parametrize("command", [["complete", "{ckpt}", "the"], ["generate", "{ckpt}"], ["eval", "{ckpt}"],
+                                     ["repl", "{ckpt}"], ["serve", "{ckpt}", "--port", "0"], ["info", "{ckpt}"]])
+def test_a_checkpoint_with_nan_weights_is_one_line_for_every_command(tiny_run, tmp_path, command):
+    """NaN weights gave 50-line tracebacks (complete, generate, repl, serve: int8
+    quantisation's 'min should be less than or equal to max'), 'ppl nan' with rc 0 (eval),
+    and nothing at all (info)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny_run / "last.pt").read_bytes())
+    ckpt = _nan_copy(tiny_run / "best.pt", run / "best.pt")
+    proc = run_lm(*[a.format(ckpt=ckpt) for a in command], stdin="")
+    assert_one_line_error(proc, 1, f"{ckpt} has non-finite weights (NaN/inf, first in ")
+    assert proc.stderr.strip().endswith(f"it is damaged; use another checkpoint, e.g. {run / 'last.pt'}, or retrain")
+    if command[0] == "info":  # the description still comes, then the error
+        assert proc.stdout.startswith(f"{ckpt}: ")
+
+
+def test_nan_weights_info_json_and_advice_only_that_works(tiny_run, tmp_path, capsys):
+    from lm.checkpoint import load_model
+
+    ckpt = _nan_copy(tiny_run / "best.pt", tmp_path / "best.pt")  # no healthy last.pt beside it
+    assert main(["info", str(ckpt), "--json"]) == 1
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert d["finite"] is False and err.strip() == f"lm info: error: {d['damage']}"
+    assert d["damage"].endswith("it is damaged; retrain")
+    _nan_copy(tiny_run / "last.pt", tmp_path / "last.pt")  # a damaged last.pt is no way out either
+    with pytest.raises(checkpoint.CheckpointError, match="it is damaged; retrain$"):
+        load_model(ckpt)
+    assert main(["info", str(tiny_run), "--json"]) == 0 and json.loads(capsys.readouterr().out)["finite"] is True
+
+
+def test_resuming_from_a_last_pt_with_nan_weights_is_refused_with_a_way_on(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes((tiny_run / "best.pt").read_bytes())
+    before = _nan_copy(tiny_run / "last.pt", run / "last.pt").read_bytes()
+    proc = run_lm("train", "--resume", run, "--epochs", "4", "--quiet")
+    assert_one_line_error(proc, 1, f"{run / 'last.pt'} has non-finite weights (NaN/inf")
+    assert proc.stderr.strip().endswith(f"resume from the other one with lm train --resume {run / 'best.pt'}, or retrain")
+    assert (run / "last.pt").read_bytes() == before
