@@ -206,8 +206,10 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> dict:
-    """Read and check a checkpoint; every failure is a one-line CheckpointError."""
+def load(path: str | Path, *, resume: bool = False, advise: bool = True) -> dict:
+    """Read and check a checkpoint; every failure is a one-line CheckpointError. A
+    damaged file's message says what to do instead (``resume``: to go on training), naming
+    the run's other checkpoint when that one loads (``advise=False`` skips looking)."""
     path = resolve(path)
     if path.exists() and not path.is_file():  # /dev/null, a fifo, a directory without a checkpoint
         what = "a directory with no best.pt or last.pt in it" if path.is_dir() else "not a regular file"
@@ -221,7 +223,7 @@ def load(path: str | Path) -> dict:
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     if not head:
-        raise CheckpointError(f"{path} is empty (0 bytes): use another checkpoint (last.pt / best.pt) or retrain")
+        raise CheckpointError(f"{path} is empty (0 bytes): {_way_on(path, resume, advise)}")
     if head != b"PK\x03\x04" and head[0] != 0x80:  # neither torch.save's zip archive nor a pickle
         raise CheckpointError(f"{path} is not a checkpoint file (neither a torch archive nor a pickle): "
                               "pass a best.pt or last.pt that lm train wrote")
@@ -239,7 +241,7 @@ def load(path: str | Path) -> dict:
             raise CheckpointError(f"{path} is an n-gram model, not a neural checkpoint: score it with "
                                   f"lm ngram eval {path}") from None
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
-                              "use another checkpoint (last.pt / best.pt) or retrain") from None
+                              f"{_way_on(path, resume, advise)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lm checkpoint (no '{FORMAT}' format tag)")
     version = ckpt.get("version")
@@ -302,22 +304,24 @@ def nonfinite_weight(ckpt: dict) -> str | None:
 def _healthy(path: Path) -> bool:
     """Whether ``path`` loads as a checkpoint with finite weights (for advice that works)."""
     try:
-        return nonfinite_weight(load(path)) is None
+        return nonfinite_weight(load(path, advise=False)) is None
     except LMError:
         return False
 
 
-def damaged(path: Path, name: str, *, resume: bool = False) -> str:
-    """The one-line message for a checkpoint with non-finite weights (``name``: the first),
-    with a way on that works: the run's other checkpoint where it has one."""
+def _way_on(path: Path, resume: bool = False, advise: bool = True) -> str:
+    """What to do about a damaged checkpoint ``path``: use (``resume``: resume from) the
+    run's other checkpoint, where it has a healthy one, or retrain."""
     other = path.with_name("last.pt" if path.name == "best.pt" else "best.pt")
-    if other.is_file() and other.resolve() != path.resolve() and _healthy(other):
-        way = (f"resume from the other one with lm train --resume {other}" if resume
-               else f"use another checkpoint, e.g. {other}")
-        way += ", or retrain"
-    else:
-        way = f"retrain (lm train --run {path.parent} --overwrite starts the run over)" if resume else "retrain"
-    return f"{path} has non-finite weights (NaN/inf, first in {name}): it is damaged; {way}"
+    if advise and other.is_file() and other.resolve() != path.resolve() and _healthy(other):
+        return (f"resume from the other one with lm train --resume {other}" if resume
+                else f"use another checkpoint, e.g. {other}") + ", or retrain"
+    return f"retrain (lm train --run {path.parent} --overwrite starts the run over)" if resume else "retrain"
+
+
+def damaged(path: Path, name: str, *, resume: bool = False) -> str:
+    """The one-line message for a checkpoint with non-finite weights (``name``: the first)."""
+    return f"{path} has non-finite weights (NaN/inf, first in {name}): it is damaged; {_way_on(path, resume)}"
 
 
 def describe(path: str | Path) -> dict:

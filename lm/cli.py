@@ -41,16 +41,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lm.train import build_config, default_run_dir, resume_config, train
 
     flags = overrides_from_args(args)
+    source = None
     if args.resume:
-        run = _run_folder(args.resume)
+        run, source = _resume_source(args.resume)
         _check_resume_flags(args, run)
-        cfg = resume_config(run, flags)
+        cfg = resume_config(run, flags, source)
     else:
         layers = [recipe(args.recipe)] if args.recipe else []
         layers.append(load_config_file(args.config) if args.config else {})
         cfg = build_config(*layers, flags)
         run = Path(args.run) if args.run else default_run_dir(cfg)
-    summary = train(cfg, run, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
+    summary = train(cfg, run, resume=source or False, overwrite=args.overwrite, progress=not args.quiet,
                     log=(lambda *a: None) if args.json else print)
     if summary.get("rank"):  # torchrun's other ranks: rank 0 alone reports, as it alone logs
         return 0
@@ -63,6 +64,17 @@ def cmd_train(args: argparse.Namespace) -> int:
               if best is not None else f"stopped before the first evaluation ({summary['stopped']})"
               + (f"; saved {summary['checkpoint']}" if summary["checkpoint"] else ""))
     return 0
+
+
+def _resume_source(arg: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint to resume from) for --resume: a checkpoint file (.pt, such
+    as best.pt) is resumed from itself, in its folder; a folder, or another file in it
+    (metrics.jsonl), from the folder's last.pt."""
+    path = Path(arg).expanduser()
+    if path.suffix == ".pt" and not path.is_dir():
+        return path.parent, path
+    run = _run_folder(arg)
+    return run, run / "last.pt"
 
 
 def _check_resume_flags(args: argparse.Namespace, run: Path) -> None:
@@ -629,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory for checkpoints (default: checkpoints/CORPUS); under torchrun "
                         "write --run-dir, since torchrun reads --run as its own --run-path")
     t.add_argument("--recipe", metavar="NAME", help="start from a named recipe (lm recipes); flags override it")
-    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder, or a checkpoint in it) exactly where it stopped")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped: its folder (from its last.pt), or a "
+                        "checkpoint in it to continue from that one (RUN/best.pt)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in --run")
     t.add_argument("--config", metavar="FILE", help="TOML file with [tokenizer] [data] [model] [train] tables")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")

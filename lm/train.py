@@ -59,13 +59,24 @@ def build_config(*layers: dict) -> Config:
     return Config.from_dict(merge(entry.get("defaults", {}), merged)).validate()
 
 
-def resume_config(run_dir: Path, overrides: dict) -> Config:
-    """The config of the run in ``run_dir``; only budgets and logistics may change."""
-    if not (run_dir / "last.pt").exists():
+def resume_source(run_dir: Path, resume: bool | str | Path) -> Path:
+    """The checkpoint a resume starts from: the file ``resume`` names (best.pt, say), or,
+    for ``True``, the run's last.pt."""
+    return Path(resume) if isinstance(resume, (str, Path)) else run_dir / "last.pt"
+
+
+def resume_config(run_dir: Path, overrides: dict, source: Path | None = None) -> Config:
+    """The config of the run in ``run_dir``, resumed from ``source`` (default: its
+    last.pt); only budgets and logistics may change."""
+    source = source or run_dir / "last.pt"
+    if not source.exists():
+        if source != run_dir / "last.pt":
+            raise ConfigError(f"{source} not found: nothing to resume from. Pass a checkpoint a run wrote "
+                              f"(its last.pt or best.pt), or its folder")
         where = "does not exist" if not run_dir.exists() else "holds no last.pt"
         raise ConfigError(f"{run_dir} {where}: nothing to resume there. Pass the folder a run trained "
                           f"into (its --run), or start a new run with lm train --run {run_dir}")
-    saved = checkpoint.load(run_dir / "last.pt")["config"]
+    saved = checkpoint.load(source, resume=True)["config"]
     for section, values in overrides.items():
         fixed = {k: v for k, v in values.items() if not (section == "train" and k in RESUMABLE)}
         changed = [k for k, v in fixed.items() if saved.get(section, {}).get(k) != v]
@@ -275,10 +286,11 @@ def averaged_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, o
                 p.copy_(s)
 
 
-def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
+def train(cfg: Config, run_dir: Path | None = None, *, resume: bool | str | Path = False, overwrite: bool = False,
           progress: bool = True, log=print) -> dict:
     """Train as ``cfg`` says, writing best.pt, last.pt and metrics.jsonl into ``run_dir``
-    (with ``resume``, continue the run there). Returns the summary.
+    (with ``resume``, continue the run there: from its last.pt, or from the checkpoint
+    file ``resume`` names, such as its best.pt). Returns the summary.
 
     Every save also keeps the saved state in memory as the last good one. A NaN or
     infinite loss (or weights) sends the run back to it with half the learning rate, at
@@ -312,19 +324,20 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, ove
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, progress: bool, log) -> dict:
+def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | str | Path, progress: bool,
+           log) -> dict:
     """The body of ``train`` on one rank of ``world``."""
     tc, dc = cfg.train, cfg.data
     lead = rank == 0
     if lead:  # nowhere to save is an error now, not at the first checkpoint an hour from now
         checkpoint.check_writable(run_dir)
         checkpoint.remove_stale_temporaries(run_dir)
-    ckpt = checkpoint.load(run_dir / "last.pt") if resume else None
+    source = resume_source(run_dir, resume)  # what a resume starts from: last.pt, or the file it names
+    ckpt = checkpoint.load(source, resume=True) if resume else None
     if ckpt and (bad := checkpoint.nonfinite_weight(ckpt)):  # it would only roll back to itself, again and again
-        raise CheckpointError(checkpoint.damaged(run_dir / "last.pt", bad, resume=True))
-    if ckpt and "rng" not in ckpt.get("state", {}):
-        raise ConfigError(f"{run_dir / 'last.pt'} has no loop state to resume from (an older format): "
-                          "start a new run")
+        raise CheckpointError(checkpoint.damaged(source, bad, resume=True))
+    if ckpt and ("rng" not in ckpt.get("state", {}) or "optimizer" not in ckpt):
+        raise ConfigError(f"{source} has no loop state to resume from (an older format): start a new run")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     threads = set_threads(tc.threads or max(1, available_cores() // world))
     device = pick_device(tc.device, rank)
@@ -419,7 +432,9 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool, p
         log(f"corpus {corpus.name} ({corpus.where}): {train_ids.numel() * world:,} train / "
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
-            f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if autocast else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else ""))
+            f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if autocast else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else "")
+            + (f" from {source.name} (the next save replaces {run_dir / 'last.pt'})"
+               if ckpt and source.resolve() != (run_dir / "last.pt").resolve() else ""))
 
     def disk_full_hint() -> str:
         return ("free some space or fix the permissions, then " +

@@ -210,3 +210,45 @@ def test_sigterm_saves_and_exits_cleanly_with_a_resume_hint(tiny_corpus, tmp_pat
     assert proc.returncode == 0, err
     assert f"lm train --resume {run}" in out
     assert checkpoint.load(run / "last.pt")["state"]["step"] >= 1
+
+
+def _run_whose_best_is_behind_its_last(corpus, run):
+    """A run whose best.pt holds step 20 and its last.pt step 30 (the validation at 30 was
+    worse, as happens)."""
+    from conftest import tiny_config
+    from lm.train import train
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    train(tiny_config(corpus, epochs=1, max_steps=20), run, **quiet)
+    best = (run / "best.pt").read_bytes()
+    train(tiny_config(corpus, epochs=1, max_steps=30), run, resume=True, **quiet)
+    (run / "best.pt").write_bytes(best)
+    assert [checkpoint.load(run / n)["state"]["step"] for n in ("best.pt", "last.pt")] == [20, 30]
+
+
+def test_resume_from_best_pt_continues_from_best_pt(tiny_corpus, tmp_path):
+    """--resume RUN/best.pt once resumed from RUN/last.pt without a word."""
+    run = tmp_path / "run"
+    _run_whose_best_is_behind_its_last(tiny_corpus, run)
+    proc = lm("train", "--resume", run / "best.pt", "--max-steps", 25)
+    assert f"resuming at step 20 from best.pt (the next save replaces {run / 'last.pt'})" in proc.stdout
+    assert checkpoint.load(run / "last.pt")["state"]["step"] == 25
+    assert "--max-steps 25 reached" in proc.stdout
+    proc = lm("train", "--resume", run, "--max-steps", 27)  # the folder: its last.pt, as before
+    assert "resuming at step 25" in proc.stdout and "from best.pt" not in proc.stdout
+
+
+def test_a_corrupt_last_pt_names_a_resume_that_works(tiny_corpus, tmp_path):
+    """With a corrupt last.pt, --resume RUN/best.pt still loaded last.pt, and the error said
+    'use another checkpoint (last.pt / best.pt)', which did not help."""
+    run = tmp_path / "run"
+    _run_whose_best_is_behind_its_last(tiny_corpus, run)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 3])
+    proc = lm("train", "--resume", run, "--max-steps", 40, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    advice = f"resume from the other one with lm train --resume {run / 'best.pt'}, or retrain"
+    assert f"{run / 'last.pt'} is truncated or corrupt" in proc.stderr and advice in proc.stderr
+    proc = lm("train", "--resume", run / "best.pt", "--max-steps", 22)  # the advice works
+    assert "resuming at step 20 from best.pt" in proc.stdout
+    assert checkpoint.load(run / "last.pt")["state"]["step"] == 22
