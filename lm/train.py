@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -347,10 +348,17 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | 
     if not lead:  # rank 0 trains the tokenizer and tokenizes first; the others then read its cache
         _barrier("before its data was ready")
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt else load_tokenizer(corpus, cfg.tokenizer)
-    train_ids = _shard(token_stream(corpus, "train", tokenizer, progress=progress and lead), rank, world)
-    valid_ids = _shard(token_stream(corpus, "valid", tokenizer, progress=progress and lead), rank, world)
+    train_all = token_stream(corpus, "train", tokenizer, progress=progress and lead)
+    valid_all = token_stream(corpus, "valid", tokenizer, progress=progress and lead)
+    data_print = data_fingerprint(train_all, valid_all)
+    train_ids, valid_ids = _shard(train_all, rank, world), _shard(valid_all, rank, world)
     if lead and world > 1:
         _barrier("while reading the data")
+    if ckpt and ckpt.get("data") and (changed := _data_change(ckpt["data"], data_print)):  # (older: no record)
+        raise DataError(f"the training data changed since {source} was saved ({changed}): resuming would not "
+                        f"continue the same run. Restore the text it was trained on ({dc.corpus}), or train on the "
+                        f"new text as a new run: lm train --run NEW_DIR (or --run {run_dir} --overwrite to replace "
+                        "this one)")
     if train_ids.numel() < 2 * dc.batch_size:
         raise DataError(f"the training split has {train_ids.numel()} tokens, fewer than two per "
                         f"lane of --batch-size {dc.batch_size}: lower --batch-size or add text")
@@ -389,7 +397,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | 
         leave it alone); the weights are the averaged ones while NT-ASGD averages."""
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         carried = [tuple(t.detach().to("cpu", copy=True) for t in hc) for hc in hidden] if hidden else None
-        extra = {"optimizer": copy.deepcopy(optimizer.state_dict()), "metrics": metrics or {},
+        extra = {"optimizer": copy.deepcopy(optimizer.state_dict()), "metrics": metrics or {}, "data": data_print,
                  "state": copy.deepcopy(state) | {"rng": torch.get_rng_state(), "bptt_rng": bptt_rng.get_state(),
                                                   "hidden": carried, "cuda_rng": cuda_rng}}
         if state["averaging"]:
@@ -611,6 +619,30 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | 
                "rollbacks": state["rollbacks"]} | ({"rank": rank, "world": world} if world > 1 else {})
     log_metrics({"summary": summary})
     return summary
+
+
+def data_fingerprint(train_ids: torch.Tensor, valid_ids: torch.Tensor) -> dict:
+    """What identifies a run's data, saved in its checkpoints: each split's token count and
+    a hash of its tokens (one pass at memory speed: 0.04 s for WikiText-2's train split).
+    The tokens are what the run reads, so a change to the text, to how it is split or to
+    the rules that tokenize it shows, and a copy of the same text elsewhere does not."""
+    def digest(ids: torch.Tensor) -> str:
+        return hashlib.sha256(ids.contiguous().numpy().view("u1")).hexdigest()[:16]
+
+    return {split: {"tokens": ids.numel(), "sha256": digest(ids)} for split, ids in
+            (("train", train_ids), ("valid", valid_ids))}
+
+
+def _data_change(saved: dict, now: dict) -> str:
+    """How the data ``now`` differs from the data a checkpoint ``saved`` (both from
+    ``data_fingerprint``), in a few words; "" if it does not."""
+    for split in ("train", "valid"):
+        was, is_ = saved.get(split) or {}, now[split]
+        if was.get("tokens") != is_["tokens"]:
+            return f"its {split} split had {was.get('tokens', 0):,} tokens, and has {is_['tokens']:,} now"
+        if was.get("sha256") != is_["sha256"]:
+            return f"its {split} split has as many tokens as before ({is_['tokens']:,}), but other ones"
+    return ""
 
 
 def _out_of_memory(e: RuntimeError) -> bool:

@@ -252,3 +252,50 @@ def test_a_corrupt_last_pt_names_a_resume_that_works(tiny_corpus, tmp_path):
     proc = lm("train", "--resume", run / "best.pt", "--max-steps", 22)  # the advice works
     assert "resuming at step 20 from best.pt" in proc.stdout
     assert checkpoint.load(run / "last.pt")["state"]["step"] == 22
+
+
+def test_resume_refuses_a_corpus_that_changed_and_keeps_the_run(tiny_corpus, tmp_path):
+    """Cutting the training text to a third and resuming once went on silently, on new
+    text, recording a new "best" on another validation set."""
+    text = tmp_path / "notes.txt"  # a single file: valid and test are held out of it
+    text.write_bytes((tiny_corpus / "train.txt").read_bytes())
+    run = tmp_path / "run"
+    lm("train", "--corpus", text, "--run", run, *FLAGS[:FLAGS.index("--epochs")], "--epochs", 1, "--max-steps", 5,
+       "--max-minutes", 0, "--threads", 1, "--quiet")
+    saved = {n: (run / n).read_bytes() for n in ("best.pt", "last.pt", "metrics.jsonl")}
+    assert set(checkpoint.load(run / "last.pt")["data"]) == {"train", "valid"}
+    lines = text.read_text().splitlines(keepends=True)
+    text.write_text("".join(lines[: len(lines) // 3]))
+    proc = lm("train", "--resume", run, "--max-steps", 10, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert f"the training data changed since {run / 'last.pt'} was saved (its train split had " in proc.stderr
+    assert f"Restore the text it was trained on ({text})" in proc.stderr and "--overwrite" in proc.stderr
+    assert {n: (run / n).read_bytes() for n in saved} == saved  # nothing saved is lost
+    text.write_text("".join(lines))  # the text restored: the run goes on
+    lm("train", "--resume", run, "--max-steps", 7)
+    assert checkpoint.load(run / "last.pt")["state"]["step"] == 7
+
+
+def test_a_checkpoint_from_before_data_fingerprints_still_resumes(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = checkpoint.load(run / "last.pt")
+    del ckpt["data"]
+    checkpoint.save(ckpt, run / "last.pt")
+    step = ckpt["state"]["step"]
+    lm("train", "--resume", run, "--epochs", 4, "--max-steps", step + 2, "--quiet")
+    resumed = checkpoint.load(run / "last.pt")
+    assert resumed["state"]["step"] == step + 2 and set(resumed["data"]) == {"train", "valid"}
+
+
+def test_data_fingerprint_tells_other_tokens_of_the_same_count():
+    from lm.train import _data_change, data_fingerprint
+
+    a = data_fingerprint(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6]))
+    assert _data_change(a, data_fingerprint(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6]))) == ""
+    assert _data_change(a, data_fingerprint(torch.tensor([1, 2, 4, 3]), torch.tensor([5, 6]))) == \
+        "its train split has as many tokens as before (4), but other ones"
+    assert _data_change(a, data_fingerprint(torch.tensor([1, 2, 3, 4]), torch.tensor([5]))) == \
+        "its valid split had 2 tokens, and has 1 now"
