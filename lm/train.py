@@ -441,7 +441,7 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | 
             f"{valid_ids.numel() * world:,} valid tokens, vocabulary {tokenizer.vocab_size:,}; model "
             f"{n_params / 1e6:.2f}M parameters, {cfg.model.head} head, {tc.optimizer}, {device.type} x{threads} "
             f"threads{f' x{world} ranks' if world > 1 else ''}{', bf16 autocast' if autocast else ''}" + (f"; resuming at step {state['step']:,}" if ckpt else "")
-            + (f" from {source.name} (the next save replaces {run_dir / 'last.pt'})"
+            + (f" from {source.name} (the next save replaces {run_dir / 'last.pt'}; the log drops later steps)"
                if ckpt and source.resolve() != (run_dir / "last.pt").resolve() else ""))
 
     def disk_full_hint() -> str:
