@@ -709,8 +709,21 @@ def _init_distributed(tc) -> tuple[int, int]:
 
     if not dist.is_initialized():
         backend = "nccl" if tc.device != "cpu" and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        init_process_group(backend)
     return dist.get_rank(), world
+
+
+def init_process_group(backend: str) -> None:
+    """``torch.distributed.init_process_group``, with torch._dynamo imported first. The
+    first optimizer imports it anyway, and its modules (torch.distributed.nn.functional
+    and others) take the world group as a default argument when imported. Imported after
+    the group exists, they hold it for good: ``destroy_process_group`` cannot free it,
+    gloo's threads outlive it, and one that drops a tensor while the interpreter shuts
+    down aborts the rank (SIGABRT, "terminate called without an active exception")."""
+    import torch._dynamo  # noqa: F401
+    import torch.distributed as dist
+
+    dist.init_process_group(backend)
 
 
 def _barrier(when: str) -> None:
