@@ -302,6 +302,30 @@ def test_clitics_are_offered_only_where_english_spells_them():
     assert p.accept("I don'", t) == "I don't "
 
 
+def test_a_name_tail_follows_only_a_capitalised_word_or_a_single_letter():
+    # WikiText splits O'Brien as "O 'Brien", d'Andrade as "d 'Andrade": "'Brien" is no
+    # clitic, and "I don'" offered it ("don'Brien"), as it did after "the dogs'".
+    tok = Tokenizer.train(["I don 't know O 'Brien , d 'Andrade or K 'inich ; the dogs ' bone 's ."] * 3,
+                          TokenizerConfig(text="tokenized"))
+    model = LSTMLM(ModelConfig(emb_dim=8, hidden_dim=8, head="full"), tok.vocab_size).eval()
+    p = Predictor(model, tok)
+    tails = {"'Brien", "'Andrade", "'inich"}
+
+    def offered(text):
+        p.update(text)
+        return {c.text for c in p.suggest(100).items} | {c.tokens[0] for c in p.phrases(100, 1)}
+
+    assert offered("I don'") == {"'t", "'s", "'"}
+    assert offered("the dogs'") == {"'s", "'"}
+    for host in ("O'", "d'", "K'", "Kir'"):  # capitalised, or a single letter
+        assert offered(host) == tails | {"'s", "'"}, host
+    assert offered("DON'") == tails | {"'t", "'s", "'"}  # casing cannot tell a name from "DON'T"
+    assert offered("O ") & tails == tails and not offered("the dogs ") & tails  # next words too
+    assert [clitic_fits(w, "'Brien") for w in ("O", "d", "Kir", "don", "dogs", "3", ".")] == [
+        True, True, True, False, False, False, False]
+    assert clitic_fits("don", "'s") and clitic_fits("don", "'") and not clitic_fits("O", "'t")
+
+
 def test_split_rules_keyboard_and_one_shot(tiny):
     model, tok = tiny
     p = Predictor(model, tok)
