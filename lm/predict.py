@@ -90,7 +90,7 @@ import re
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +243,11 @@ class WordIndex:
     For each case mode, ``groups[mode][i]`` is the id of the most frequent word shown
     the same way as word i (ids are in frequency order), so merging spellings is one
     ``index_add``; ``groups["next"]`` merges the next words that display alike ("@,@"
-    and "," both show as ",")."""
+    and "," both show as ",").
+
+    The rules work on (B, V) batches of rows too (``visible``, ``merged``,
+    ``standing_for``, ``pool``, ``order``): ``lm.keyboard``'s simulated typist ranks
+    what these rules show, a row per token of a text, with the same functions."""
 
     def __init__(self, tokenizer: Tokenizer, block: Iterable[str] = ()):
         self.tok = tokenizer
@@ -273,10 +277,14 @@ class WordIndex:
         for i in ids:
             group[i] = shown_as.setdefault(displayed[i], i)
         self.groups["next"] = torch.tensor(group, dtype=torch.long)
-        self._alike: dict[int, list[int]] = {}  # a group of several words shown alike -> its words
+        alike: dict[int, list[int]] = {}  # a group of several words shown alike -> its words
         for i in ids:
             if group[i] != i:
-                self._alike.setdefault(group[i], [group[i]]).append(i)
+                alike.setdefault(group[i], [group[i]]).append(i)
+        # row g: the words of next-word group g, ascending, padded with g (its lowest id)
+        self._members = torch.arange(len(words)).unsqueeze(1).repeat(1, max(map(len, alike.values()), default=1))
+        for g, members in alike.items():
+            self._members[g, : len(members)] = torch.tensor(members)
         self._n_shown = len(shown_as)
         kinds: dict[str, list[int]] = {}
         for i in ids:
@@ -299,19 +307,32 @@ class WordIndex:
             return prefix + word[len(prefix.lower()):]
         return word
 
+    def _sorted(self, mode: str) -> tuple[list[str], Tensor]:
+        """The sorted words a prefix typed in ``mode`` is looked up in, and their ids."""
+        return self._exact if mode == "exact" and not self.folded else self._folded
+
     def _keys(self, prefix: str) -> tuple[list[str], Tensor, str, str]:
         """The sorted words ``prefix`` is looked up in, their ids, the key and the case mode."""
         mode = case_mode(prefix)
-        if mode == "exact" and not self.folded:
-            return *self._exact, prefix, mode
-        return *self._folded, prefix.lower(), mode
+        keys, ids = self._sorted(mode)
+        return keys, ids, prefix if keys is self._exact[0] else prefix.lower(), mode
+
+    def pool(self, prefix: str) -> tuple[str, int, int]:
+        """The case mode of ``prefix`` and [lo, hi): where the words it matches (every
+        spelling the mode matches) lie in ``order(mode)``."""
+        keys, _, key, mode = self._keys(prefix)
+        return (mode, *_prefix_range(keys, key))
+
+    def order(self, mode: str) -> Tensor:
+        """(S,) the suggestable ids in the string order prefixes typed in ``mode`` are
+        matched in: the words of a ``pool`` are a contiguous run of it."""
+        return self._sorted(mode)[1]
 
     def prefix_ids(self, prefix: str, after: str | None = None) -> tuple[Tensor, str]:
         """Ids of the suggestable words matching ``prefix`` (every spelling), but no
         clitic that cannot follow the word ``after``, and the case mode."""
-        keys, ids, key, mode = self._keys(prefix)
-        lo, hi = _prefix_range(keys, key)
-        ids = ids[lo:hi]
+        mode, lo, hi = self.pool(prefix)
+        ids = self.order(mode)[lo:hi]
         misfits = self.misfits(after) if prefix[:1] in ("", "'") else self._none
         if misfits.numel():
             ids = ids[~torch.isin(ids, misfits)]
@@ -349,20 +370,47 @@ class WordIndex:
         ``sorted_ids``."""
         return _prefix_range(self._exact[0], prefix)
 
+    def visible(self, log_probs: Tensor, after: Sequence[str | None]) -> Tensor:
+        """(B, V) log-probabilities, row b after the word ``after[b]`` -> (B, V)
+        probabilities of the words that may be shown there: 0 for words never suggested
+        and for clitics that cannot follow the row's word (``misfits``)."""
+        probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)
+        misfits = [self.misfits(a) for a in after]
+        counts = torch.tensor([m.numel() for m in misfits])
+        if counts.any():
+            probs[torch.arange(len(misfits)).repeat_interleave(counts), torch.cat(misfits)] = 0.0
+        return probs
+
+    def merged(self, probs: Tensor, mode: str, ids: Tensor | None = None) -> Tensor:
+        """(B, V) probabilities (or (B, R), those of the words ``ids``) -> the same shape:
+        at the representative of each group of words shown alike (``groups[mode]``,
+        mode "next" or a case mode) the sum of its words' probabilities, 0 at its other
+        words. Mode "exact" merges nothing."""
+        if mode == "exact":
+            return probs
+        group = self.groups[mode] if ids is None else self.groups[mode][ids]
+        total = probs.new_zeros(probs.size(0), self.suggestable.numel()).index_add_(1, group, probs)
+        return total if ids is None else total[:, ids]
+
+    def standing_for(self, probs: Tensor, groups: Tensor) -> Tensor:
+        """(B, V) probabilities and (B, K) next-word groups -> (B, K): the word each
+        group's suggestion stands for, the likeliest of its words in the row (equal:
+        the lower id). It decides how the choice joins the text: after "It is 3", ","
+        stands for "@,@" ("3,000")."""
+        members = self._members[groups]  # (B, K, M)
+        p = probs.gather(1, members.flatten(1)).view(members.shape)
+        return members.gather(2, p.argmax(2, keepdim=True)).squeeze(2)  # argmax: the first of equals
+
     def next_words(self, log_probs: Tensor, k: int, after: str | None = None) -> list[Choice]:
         """The k most likely next words from (V,) log-probabilities after the word
-        ``after``, words shown alike merged. The likelier of them here decides how the
-        choice joins the text: after "It is 3", "," stands for "@,@" ("3,000")."""
-        probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)  # (V,)
-        misfits = self.misfits(after)
-        probs[misfits] = 0.0
-        merged = torch.zeros_like(probs).index_add_(0, self.groups["next"], probs)  # (V,)
-        top = torch.topk(merged, min(k, self._n_shown - misfits.numel()))  # a clitic is a group of its own
-        words, out = self.tok.words, []
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            i = max(self._alike.get(i, [i]), key=lambda j: probs[j].item())
-            out.append(Choice(self.tok.display([words[i]]), p, (words[i],)))
-        return out
+        ``after``, words shown alike merged (``standing_for`` says which one a choice is)."""
+        probs = self.visible(log_probs.unsqueeze(0), [after])  # (1, V)
+        merged = self.merged(probs, "next")[0]
+        top = torch.topk(merged, min(k, self._n_shown - self.misfits(after).numel()))  # a clitic is a group of its own
+        words = self.tok.words
+        stands = self.standing_for(probs, top.indices.unsqueeze(0))[0]
+        return [Choice(self.tok.display([words[i]]), p, (words[i],))
+                for p, i in zip(top.values.tolist(), stands.tolist())]
 
     def completions(self, log_probs: Tensor, prefix: str, k: int, after: str | None = None) -> list[Choice]:
         """The k most likely words completing ``prefix`` after the word ``after``,
@@ -370,12 +418,10 @@ class WordIndex:
         ids, mode = self.prefix_ids(prefix, after)
         if ids.numel() == 0:
             return []
-        probs = log_probs[ids].exp()  # (R,)
-        if mode != "exact":
-            group = self.groups[mode][ids]  # (R,)
-            merged = probs.new_zeros(log_probs.numel()).index_add_(0, group, probs)  # (V,)
-            ids = ids[ids == group]  # one row per group: its representative
-            probs = merged[ids]
+        probs = self.merged(log_probs[ids].exp().unsqueeze(0), mode, ids)[0]  # (R,)
+        if mode != "exact":  # one row per group: its representative
+            keep = self.groups[mode][ids] == ids
+            ids, probs = ids[keep], probs[keep]
         top = torch.topk(probs, min(k, ids.numel()))
         out = []
         for p, j in zip(top.values.tolist(), top.indices.tolist()):
