@@ -15,24 +15,41 @@ ends in one line break. The model reads the standard stream, the tokens' ids wit
 ``<eos>`` per line, the first token predicted from an ``<eos>`` context.
 
 **The typist**, token by token. Before each character of a token, its first included,
-the keyboard shows k suggestions: at the token's start, the k most likely next tokens;
-after j typed characters, the k most likely vocabulary words starting with those
-characters, ranked by the same next-token probability. ``<unk>`` and ``<eos>`` are
-never suggested; equal probabilities go to the lower id (the more frequent word). As
-soon as the intended token is shown the typist accepts it: one keystroke, which types
-the rest of the token and the space after it if the text has one there (before a token
-that sticks to it, such as ",", the keyboard drops its automatic space, as phone
-keyboards do). A token never shown is typed in full, then its space. Every line break
-costs one keystroke (Enter), after an accepted token too; a blank line is one Enter.
-Out-of-vocabulary tokens, the corpus's own ``<unk>`` placeholders included, can never
-be shown: they are typed in full at their surface length. A token whose surface differs
-from its vocabulary entry (``@-@`` typed as "-") is offered only at its start.
+the keyboard shows k suggestions, chosen by the rules of ``lm.predict.WordIndex`` that
+``lm complete``, the REPL and ``lm serve`` show (its functions, applied to batches of
+rows):
+
+* at the token's start, the k most likely next words, the words shown alike merged into
+  one suggestion with the sum of their probabilities ("," for "," and "@,@"), which
+  stands for the likelier of them there (``standing_for``);
+* after j typed characters, the k most likely words completing them, matched and shown
+  by the typed casing, spellings shown alike merged ("th" offers "the" for the, The and
+  THE; "Th" offers "The" for the and The; "McD" only the words starting so), as the
+  docstring of ``lm.predict`` says;
+* never ``<unk>`` or ``<eos>``, nor a clitic that cannot follow the token before it on
+  its line (``clitic_fits``: no "'ve" after "don", no "'Brien" after "dogs"); the first
+  token of a line has no word before it, so every clitic may start it.
+
+Equal probabilities go to the lower id (the more frequent word); a word of probability
+0 is never shown. The typist accepts a suggestion as soon as accepting it types the
+intended token as the text has it: the suggestion reads as the token's surface and, at
+the token's start, stands for the token itself. So "the" is accepted from the merged
+"the" after "th", but "," standing for a likelier "@,@" is not accepted for "," (it
+would join as in "3,000"), nor "iphone" for "iPhone"; the typist types on. Accepting
+is one keystroke, which types the rest of the token and the space after it if the text
+has one there (before a token that sticks to it, such as ",", the keyboard drops its
+automatic space, as phone keyboards do). A token never accepted is typed in full, then
+its space. Every line break costs one keystroke (Enter), after an accepted token too; a
+blank line is one Enter. Out-of-vocabulary tokens, the corpus's own ``<unk>``
+placeholders included, can never be shown: they are typed in full at their surface
+length. A token whose surface differs from its vocabulary entry (``@-@`` typed as "-")
+is offered only at its start.
 
 **The metrics.**
 
 * top-k accuracy, k = 1, 3, 5: the share of tokens (words and punctuation; line breaks
-  excluded; out-of-vocabulary tokens included, as misses) that are among the k most
-  likely suggestions at their start: next-word recall as Gboard reports it.
+  excluded; out-of-vocabulary tokens included, as misses) that the typist would accept
+  from the k suggestions at their start: next-word recall as Gboard reports it.
 * keystroke savings = 1 - keystrokes / characters, with the keyboard's k (default 3).
 """
 from __future__ import annotations
@@ -110,12 +127,19 @@ def _layout(words: list[str], tokenizer: Tokenizer) -> list[tuple[str, bool]]:
     return out
 
 
-class Ranker:
-    """Ranks of intended words among the suggestions, over one vocabulary.
+NEVER = 1 << 30  # the rank of a token the keyboard does not show (or not as it is)
 
-    The suggestable words are sorted as strings once, so the words sharing a typed
-    prefix are one contiguous range [lo, hi). A word's rank within a range is the number
-    of words there ranked ahead of it, read off a cumulative sum over the sorted order:
+
+class Ranker:
+    """Ranks of intended tokens among the suggestions the keyboard shows, over one
+    vocabulary, by ``WordIndex``'s rules.
+
+    A pool of suggestions is the next words (the whole vocabulary, words shown alike
+    merged) or the words matching a typed prefix (``WordIndex.pool``: a contiguous run
+    [lo, hi) of ``WordIndex.order(mode)``, spellings shown alike merged). A token's rank
+    in a pool is the number of suggestions there ranked ahead of it: groups of words,
+    each counted at its representative, whose merged probability is higher, or equal
+    with a lower id. Over a run it is read off a cumulative sum over the sorted order:
 
         sorted:  car  card  care  cat  the  then     (target "card", typed "car")
         ahead:    1     0     1    0    1     0      p > p(card), or equal with a lower id
@@ -124,51 +148,73 @@ class Ranker:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.index = WordIndex(tokenizer)  # the same word order and prefix ranges as suggestions
-        self.ids = self.index.sorted_ids  # (S,) suggestable ids in string order
-        self.special = {tokenizer.unk_id, tokenizer.eos_id}
+        self.index = WordIndex(tokenizer)  # the same rules, word order and prefix ranges as suggestions
         self._arange = torch.arange(tokenizer.vocab_size)
-        self._ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self._pools: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
 
     def suggestable(self, token: Token) -> bool:
-        return token.id not in self.special
+        return bool(self.index.suggestable[token.id])
 
-    def ranges(self, token: Token) -> list[tuple[int, int]]:
-        """The suggestion pool before each character the typist may type: the whole
-        vocabulary, then (if the word is typed as it is spelled) the words starting with
-        each proper prefix of it."""
+    def pools(self, token: Token) -> list[tuple[str, int, int]]:
+        """The suggestions before each character the typist may type, as (mode, lo, hi):
+        the next words ("next"), then, if the token is typed as it is spelled, the words
+        matching each proper prefix of it. A prefix whose suggestion would show the token
+        otherwise (typed "i", "iPhone" shows as "iphone" when that is a word too) gets
+        an empty pool: the typist does not accept it there."""
         key = (token.word, token.surface)
-        if key not in self._ranges:
-            out = [(0, self.ids.numel())]
+        if key not in self._pools:
+            out = [("next", 0, 0)]
             if token.surface == token.word:
-                out += [self.index.exact_range(token.word[:j]) for j in range(1, len(token.word))]
-            self._ranges[key] = out
-        return self._ranges[key]
+                for j in range(1, len(token.word)):
+                    prefix = token.word[:j]
+                    mode, lo, hi = self.index.pool(prefix)
+                    if self.index.shown(token.word, mode, prefix) != token.word:
+                        lo = hi = 0
+                    out.append((mode, lo, hi))
+            self._pools[key] = out
+        return self._pools[key]
 
-    def typist(self, rows: torch.Tensor, tokens: list[Token], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For suggestable ``tokens`` and their rows (B, V): each token's rank at its start
-        (B,), and how many of its characters are typed before it is among the k shown
-        (B,), -1 if it never is."""
-        pools = [self.ranges(tok) for tok in tokens]
-        J = max(map(len, pools))
-        bounds = torch.tensor([p + [(0, 0)] * (J - len(p)) for p in pools], dtype=torch.long)  # (B, J, 2)
-        valid = torch.tensor([[j < len(p) for j in range(J)] for p in pools])  # (B, J)
+    def typist(self, rows: torch.Tensor, tokens: list[Token], after: list[str | None],
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For suggestable ``tokens``, their rows (B, V) of log-probabilities and the
+        word before each (None at a line start): each token's rank at its start (B,),
+        and how many of its characters are typed before the typist accepts it (B,), -1
+        if never."""
+        ranks = self.ranks(rows, tokens, after)
+        shown = ranks < k  # (B, J): shown before typing character j
+        return ranks[:, 0], torch.where(shown.any(1), shown.int().argmax(1), -1)
+
+    def ranks(self, rows: torch.Tensor, tokens: list[Token], after: list[str | None]) -> torch.Tensor:
+        """(B, J): each token's rank in each of its ``pools``, ``NEVER`` where the
+        keyboard does not offer it as it is (and past its last pool)."""
+        index = self.index
+        probs = index.visible(rows, after)  # (B, V)
         targets = torch.tensor([tok.id for tok in tokens])
-        r = self.ranks(rows, targets, bounds[..., 0], bounds[..., 1])  # (B, J)
-        shown = (r < k) & valid  # (B, J): shown before typing character j
-        return r[:, 0], torch.where(shown.any(1), shown.int().argmax(1), -1)
+        pools = [self.pools(tok) for tok in tokens]
+        ranks = torch.full((len(tokens), max(map(len, pools))), NEVER, dtype=torch.long)
+        groups = index.groups["next"][targets]
+        ranks[:, 0] = self._ahead(index.merged(probs, "next"), groups).sum(1)
+        stands = index.standing_for(probs, groups.unsqueeze(1))[:, 0]
+        ranks[stands != targets, 0] = NEVER  # shown, but it would join as another token does
+        for mode in sorted({m for p in pools for m, lo, hi in p[1:] if hi > lo}):
+            where = [(b, j, lo, hi) for b, p in enumerate(pools) for j, (m, lo, hi) in enumerate(p)
+                     if j and m == mode and hi > lo]
+            rows_m = sorted({b for b, *_ in where})  # only the rows that type a prefix in this mode
+            row_of = {b: r for r, b in enumerate(rows_m)}
+            sel = torch.tensor(rows_m)
+            g = targets[sel] if mode == "exact" else index.groups[mode][targets[sel]]
+            ahead = self._ahead(index.merged(probs[sel], mode), g)  # (R, V)
+            cs = ahead[:, index.order(mode)].cumsum(1, dtype=torch.int32)  # (R, S): ahead among the first i + 1
+            r, b, j, lo, hi = (torch.tensor(c) for c in zip(*[(row_of[b], b, j, lo, hi) for b, j, lo, hi in where]))
+            ranks[b, j] = (cs[r, hi - 1] - torch.where(lo > 0, cs[r, (lo - 1).clamp(min=0)], 0)).long()
+        ranks[probs.gather(1, targets.unsqueeze(1))[:, 0] == 0] = NEVER  # a clitic that cannot follow
+        return ranks
 
-    def ranks(self, rows: torch.Tensor, targets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """rows (B, V) log-probs, targets (B,), pools lo/hi (B, J) -> (B, J): how many
-        words of each pool rank ahead of the target."""
-        pt = rows.gather(1, targets[:, None])  # (B, 1)
-        ahead = rows > pt  # (B, V), in id order: compared first, then only bytes are reordered
-        ahead |= (rows == pt) & (self._arange[None, :] < targets[:, None])
-        cs = ahead[:, self.ids].cumsum(1, dtype=torch.int32)  # (B, S): ahead among the first i + 1 words
-
-        def among_first(n: torch.Tensor) -> torch.Tensor:  # (B, J): ahead among the first n words
-            return torch.where(n > 0, cs.gather(1, (n - 1).clamp(min=0)), 0)
-        return among_first(hi) - among_first(lo)
+    def _ahead(self, merged: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(B, V) merged probabilities and (B,) the targets' groups -> (B, V): the
+        suggestions ranked ahead of the target's."""
+        pt = merged.gather(1, groups.unsqueeze(1))  # (B, 1)
+        return (merged > pt) | ((merged == pt) & (self._arange < groups.unsqueeze(1)))
 
 
 def autocomplete(rows: Iterable[torch.Tensor], text: TypedText, tokenizer: Tokenizer, *, k: int = 3,
@@ -189,17 +235,19 @@ def autocomplete(rows: Iterable[torch.Tensor], text: TypedText, tokenizer: Token
               leave=False) as bar:
         for chunk in rows:  # (T, V)
             end = offset + chunk.size(0)
-            batch = []
+            batch, after = [], []
             while t < len(tokens) and tokens[t].pos < end:
                 tok = tokens[t]
                 if ranker.suggestable(tok):
                     batch.append(tok)
+                    before = tokens[t - 1] if t else None  # on the same line: the position before
+                    after.append(before.word if before is not None and before.pos == tok.pos - 1 else None)
                 else:  # never shown: typed in full
                     keystrokes += len(tok.surface) + tok.space
                 t += 1
             if batch:
                 rows_b = chunk[torch.tensor([tok.pos - offset for tok in batch])].float()  # (B, V)
-                start_rank, typed = ranker.typist(rows_b, batch, k)
+                start_rank, typed = ranker.typist(rows_b, batch, after, k)
                 for n in ACCURACY_KS:
                     hits[n] += int((start_rank < n).sum())
                 for tok, j in zip(batch, typed.tolist()):

@@ -359,17 +359,6 @@ class WordIndex:
         probs = log_probs[ids[lo:hi]].exp()  # (R,)
         return float(probs[: same - lo].sum()), float(probs[same - lo:].sum())
 
-    @property
-    def sorted_ids(self) -> Tensor:
-        """The suggestable ids in string order: the words with a given prefix are one
-        contiguous run of it (``exact_range``)."""
-        return self._exact[1]
-
-    def exact_range(self, prefix: str) -> tuple[int, int]:
-        """[lo, hi): where the words starting with ``prefix`` (as typed) lie in
-        ``sorted_ids``."""
-        return _prefix_range(self._exact[0], prefix)
-
     def visible(self, log_probs: Tensor, after: Sequence[str | None]) -> Tensor:
         """(B, V) log-probabilities, row b after the word ``after[b]`` -> (B, V)
         probabilities of the words that may be shown there: 0 for words never suggested

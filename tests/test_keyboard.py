@@ -9,7 +9,8 @@ import torch
 
 from lm.checkpoint import load_model
 from lm.cli import main
-from lm.keyboard import Ranker, autocomplete, lstm_rows, typed_text
+from lm.config import TokenizerConfig
+from lm.keyboard import NEVER, Ranker, autocomplete, lstm_rows, typed_text
 from lm.ngram import KneserNey
 from lm.predict import Predictor
 from lm.tokenizer import Tokenizer
@@ -83,11 +84,79 @@ def test_specials_are_never_suggested_and_ties_go_to_the_lower_id(toy_tok):
     r = autocomplete(toy_rows(toy_tok, probs)(text.stream), text, toy_tok, k=1)
     assert r["top1"] == 0.5  # "the" is still the first suggestion
     ranker, car = Ranker(toy_tok), text.tokens[1]
-    pools = torch.tensor([ranker.ranges(car)])  # (1, 3, 2): everything, then words starting "c", "ca"
+    assert [m for m, *_ in ranker.pools(car)] == ["next", "lower", "lower"]  # everything, then "c", "ca"
     row = next(toy_rows(toy_tok, probs)(text.stream))[:1]
-    ranks = ranker.ranks(row, torch.tensor([car.id]), pools[..., 0], pools[..., 1])[0].tolist()
+    ranks = ranker.ranks(row, [car], ["the"])[0].tolist()
     cab_first = int(toy_tok.word_to_id["cab"] < toy_tok.word_to_id["car"])
     assert ranks == [5 + cab_first, 1 + cab_first, 1 + cab_first]  # the . then cat sat; cat
+
+
+# A vocabulary where the keyboard merges spellings, merges "," with "@,@" and filters
+# clitics, so that ranking raw vocabulary ids (as the typist did) sees other lists.
+SHOWN = ["the The then they iPhone iphone 3 @,@ 000 , a don 't 've 'Brien ."] * 3
+
+
+@pytest.fixture(scope="module")
+def shown_tok() -> Tokenizer:
+    return Tokenizer.train(SHOWN, TokenizerConfig(text="tokenized"))
+
+
+def rows_of(tok: Tokenizer, probs: dict):
+    """Context-free rows: these probabilities at every position, the rest next to 0."""
+    row = torch.full((tok.vocab_size,), -50.0)
+    for w, q in probs.items():
+        row[tok.word_to_id[w]] = math.log(q)
+    return lambda stream: iter([row.expand(stream.numel(), -1)])
+
+
+def typed(tok, probs, text, k):
+    t = typed_text(text, tok)
+    return autocomplete(rows_of(tok, probs)(t.stream), t, tok, k=k)
+
+
+def test_the_typist_sees_spellings_shown_alike_as_one_suggestion(shown_tok):
+    probs = {"then": 0.16, "they": 0.14, "the": 0.10, "The": 0.09, "iPhone": 0.04, "iphone": 0.03}
+    # "the", k = 1: the next words rank then, they, the. Typed "t", the keyboard shows
+    # "the" for the + The = 0.19, ahead of then 0.16: accepted (was: "t" and "th" ranked
+    # then and they first, so it was typed in full, 3 keys + Enter).
+    r = typed(shown_tok, probs, "the", k=1)
+    assert (r["keystrokes"], r["chars"], r["accepted"]) == (1 + 1 + 1, 4, 1)
+    # "iPhone": typed "i", the keyboard shows "iphone" (0.07), which accepting types:
+    # not accepted (was: "iPhone" ranked first after "i"). After "iP", "iPhone" only.
+    r = typed(shown_tok, probs, "iPhone", k=1)
+    assert (r["keystrokes"], r["accepted"]) == (2 + 1 + 1, 1)
+    ranker = Ranker(shown_tok)
+    iphone = typed_text("iPhone", shown_tok).tokens[0]
+    assert [(m, hi > lo) for m, lo, hi in ranker.pools(iphone)][:3] == [("next", False), ("lower", False),
+                                                                        ("exact", True)]
+
+
+def test_the_typist_accepts_a_merged_next_word_only_as_the_token_it_stands_for(shown_tok):
+    # "3,000, a" is 3 @,@ 000 , a. The keyboard shows "," for "@,@" + "," = 0.5, standing
+    # for the likelier "@,@": it joins as in "3,000", so it is the "@,@" after "3" but not
+    # the "," after "000", typed by hand (1 key and its space).
+    probs = {"@,@": 0.30, ",": 0.20, "3": 0.12, "000": 0.11, "a": 0.05}
+    text = typed_text("3,000, a", shown_tok)
+    assert [t.word for t in text.tokens] == ["3", "@,@", "000", ",", "a"]
+    row = rows_of(shown_tok, probs)(text.stream)
+    ranks = Ranker(shown_tok).ranks(next(row)[: len(text.tokens)], text.tokens, [None, "3", "@,@", "000", ","])
+    assert ranks[:, 0].tolist() == [1, 0, 2, NEVER, 3]  # raw ids ranked 2, 0, 3, 1, 4
+    # k = 2: 3 accepted at once (1 key), @,@ (1), 000 after "0" (2), "," typed with its
+    # space (2), "a" typed (1), Enter (1): 8 keys for 9 characters (was 7: "," accepted)
+    r = typed(shown_tok, probs, "3,000, a", k=2)
+    assert (r["keystrokes"], r["chars"], r["top1"]) == (8, 9, pytest.approx(1 / 5))
+
+
+def test_the_typist_never_sees_a_clitic_that_cannot_follow_the_word_before(shown_tok):
+    # "don't" is don 't. After "don" the keyboard drops "'ve" and "'Brien" (clitic_fits):
+    # "'t" is the first suggestion (was third: typed in full, 2 keys). "don" starts the
+    # line: no word before it, nothing dropped, so it waits for "d" (2 keys).
+    probs = {"'ve": 0.30, "'Brien": 0.25, "'t": 0.20, "don": 0.10}
+    r = typed(shown_tok, probs, "don't", k=1)
+    assert (r["keystrokes"], r["chars"], r["accepted"], r["top1"]) == (2 + 1 + 1, 6, 2, 0.5)
+    ranker, (don, t) = Ranker(shown_tok), typed_text("don't", shown_tok).tokens
+    row = next(rows_of(shown_tok, probs)(torch.zeros(1)))
+    assert ranker.ranks(row.expand(2, -1), [t, t], ["don", None])[:, 0].tolist() == [0, 2]
 
 
 def test_lstm_rows_equal_the_predictors_incremental_distribution(tiny_run):
