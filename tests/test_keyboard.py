@@ -12,7 +12,7 @@ from lm.cli import main
 from lm.config import TokenizerConfig
 from lm.keyboard import NEVER, Ranker, autocomplete, lstm_rows, typed_text
 from lm.ngram import KneserNey
-from lm.predict import Predictor
+from lm.predict import Predictor, WordIndex
 from lm.tokenizer import Tokenizer
 
 # A context-free toy model: the same next-word distribution at every position.
@@ -93,7 +93,7 @@ def test_specials_are_never_suggested_and_ties_go_to_the_lower_id(toy_tok):
 
 # A vocabulary where the keyboard merges spellings, merges "," with "@,@" and filters
 # clitics, so that ranking raw vocabulary ids (as the typist did) sees other lists.
-SHOWN = ["the The then they iPhone iphone 3 @,@ 000 , a don 't 've 'Brien ."] * 3
+SHOWN = ["the The THE then they iPhone iphone 3 @,@ 000 , a don 't 've 'Brien ."] * 3
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,27 @@ def test_the_typist_never_sees_a_clitic_that_cannot_follow_the_word_before(shown
     ranker, (don, t) = Ranker(shown_tok), typed_text("don't", shown_tok).tokens
     row = next(rows_of(shown_tok, probs)(torch.zeros(1)))
     assert ranker.ranks(row.expand(2, -1), [t, t], ["don", None])[:, 0].tolist() == [0, 2]
+
+
+def test_the_typists_ranks_agree_with_what_the_keyboard_shows(shown_tok):
+    # The oracle: WordIndex.next_words and .completions, as lm complete calls them, on
+    # random rows (no ties): the typist counts a token shown at a pool exactly when the
+    # keyboard's k choices hold it as it is.
+    text = typed_text("The then, they 3,000. THE iPhone don't the iphone 've a\n't 've 'Brien Then", shown_tok)
+    tokens = [t for t in text.tokens if t.id != shown_tok.unk_id]
+    after = [None if t.pos == 0 or text.stream[t.pos - 1] == shown_tok.eos_id else text.tokens[i - 1].word
+             for i, t in enumerate(text.tokens) if t.id != shown_tok.unk_id]
+    ranker, index = Ranker(shown_tok), WordIndex(shown_tok)
+    torch.manual_seed(0)
+    for _ in range(5):
+        rows = torch.randn(len(tokens), shown_tok.vocab_size).mul(3).log_softmax(1)
+        ranks = ranker.ranks(rows, tokens, after)
+        for k in (1, 2, 3, 5):
+            for b, tok in enumerate(tokens):
+                shown = [(tok.word,) in [c.tokens for c in index.next_words(rows[b], k, after[b])]]
+                shown += [tok.word in [c.text for c in index.completions(rows[b], tok.word[:j], k, after[b])]
+                          for j in range(1, len(ranker.pools(tok)))]
+                assert (ranks[b, : len(shown)] < k).tolist() == shown, (tok.word, after[b], k)
 
 
 def test_lstm_rows_equal_the_predictors_incremental_distribution(tiny_run):
