@@ -193,28 +193,50 @@ class Ranker:
         pools = [self.pools(tok) for tok in tokens]
         ranks = torch.full((len(tokens), max(map(len, pools))), NEVER, dtype=torch.long)
         groups = index.groups["next"][targets]
-        ranks[:, 0] = self._ahead(index.merged(probs, "next"), groups).sum(1)
+        ranks[:, 0] = self._ahead(index.merged(probs, "next"), self._arange, groups, groups).sum(1, dtype=torch.int32)
         stands = index.standing_for(probs, groups.unsqueeze(1))[:, 0]
         ranks[stands != targets, 0] = NEVER  # shown, but it would join as another token does
         for mode in sorted({m for p in pools for m, lo, hi in p[1:] if hi > lo}):
-            where = [(b, j, lo, hi) for b, p in enumerate(pools) for j, (m, lo, hi) in enumerate(p)
-                     if j and m == mode and hi > lo]
-            rows_m = sorted({b for b, *_ in where})  # only the rows that type a prefix in this mode
-            row_of = {b: r for r, b in enumerate(rows_m)}
-            sel = torch.tensor(rows_m)
-            g = targets[sel] if mode == "exact" else index.groups[mode][targets[sel]]
-            ahead = self._ahead(index.merged(probs[sel], mode), g)  # (R, V)
-            cs = ahead[:, index.order(mode)].cumsum(1, dtype=torch.int32)  # (R, S): ahead among the first i + 1
-            r, b, j, lo, hi = (torch.tensor(c) for c in zip(*[(row_of[b], b, j, lo, hi) for b, j, lo, hi in where]))
-            ranks[b, j] = (cs[r, hi - 1] - torch.where(lo > 0, cs[r, (lo - 1).clamp(min=0)], 0)).long()
+            self._complete(ranks, probs, targets, pools, mode)
         ranks[probs.gather(1, targets.unsqueeze(1))[:, 0] == 0] = NEVER  # a clitic that cannot follow
         return ranks
 
-    def _ahead(self, merged: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """(B, V) merged probabilities and (B,) the targets' groups -> (B, V): the
-        suggestions ranked ahead of the target's."""
-        pt = merged.gather(1, groups.unsqueeze(1))  # (B, 1)
-        return (merged > pt) | ((merged == pt) & (self._arange < groups.unsqueeze(1)))
+    def _complete(self, ranks: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,
+                  pools: list[list[tuple[str, int, int]]], mode: str) -> None:
+        """Fill in the ranks in the pools of case ``mode``. A token's prefixes nest, so
+        its pools in a mode lie in one window of ``order(mode)``: the rows' windows,
+        padded to the longest (at most the words of one first letter), are
+        all that is merged and counted."""
+        index = self.index
+        where = [(b, j, lo, hi) for b, p in enumerate(pools) for j, (m, lo, hi) in enumerate(p)
+                 if j and m == mode and hi > lo]
+        span: dict[int, tuple[int, int]] = {}  # row -> its window [lo, hi)
+        for b, _, lo, hi in where:
+            a, e = span.get(b, (lo, hi))
+            span[b] = (min(a, lo), max(e, hi))
+        rows = torch.tensor(list(span))
+        start = torch.tensor([a for a, _ in span.values()])
+        size = torch.tensor([e - a for a, e in span.values()])
+        order, cols = index.order(mode), torch.arange(int(size.max()))
+        ids = order[(start.unsqueeze(1) + cols).clamp(max=order.numel() - 1)]  # (R, L)
+        inside = cols < size.unsqueeze(1)  # (R, L): the padding neither adds nor counts
+        window = probs.take(rows.unsqueeze(1) * probs.size(1) + ids)  # probs[rows, ids]
+        merged = index.merged(window * inside, mode, ids)
+        group = targets[rows] if mode == "exact" else index.groups[mode][targets[rows]]
+        at = (ids == group.unsqueeze(1)).int().argmax(1)  # where the target's group is in the window
+        cs = self._ahead(merged, ids, group, at).cumsum(1, dtype=torch.int32)  # (R, L): ahead among the first i + 1
+        row_of = {b: r for r, b in enumerate(span)}
+        r, b, j, lo, hi = (torch.tensor(c) for c in zip(*[(row_of[b], b, j, lo, hi) for b, j, lo, hi in where]))
+        lo, hi = lo - start[r], hi - start[r]  # within the window
+        ranks[b, j] = (cs[r, hi - 1] - torch.where(lo > 0, cs[r, (lo - 1).clamp(min=0)], 0)).long()
+
+    @staticmethod
+    def _ahead(merged: torch.Tensor, ids: torch.Tensor, group: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Merged probabilities (B, L) of the words ``ids`` ((B, L) or (L,)), the targets'
+        groups (B,) and their columns (B,) -> (B, L): the suggestions ranked ahead of the
+        target's (more likely, or as likely with a lower id)."""
+        pt = merged.gather(1, at.unsqueeze(1))  # (B, 1)
+        return torch.where(ids < group.unsqueeze(1), merged >= pt, merged > pt)
 
 
 def autocomplete(rows: Iterable[torch.Tensor], text: TypedText, tokenizer: Tokenizer, *, k: int = 3,

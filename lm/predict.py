@@ -277,6 +277,11 @@ class WordIndex:
         for i in ids:
             group[i] = shown_as.setdefault(displayed[i], i)
         self.groups["next"] = torch.tensor(group, dtype=torch.long)
+        self._others = {}  # mode -> (the words that are not their group's representative, its representative)
+        for mode, group in self.groups.items():
+            others = (group != torch.arange(len(words))).nonzero()[:, 0]
+            self._others[mode] = (others, group[others])
+        self._hidden = (~self.suggestable).nonzero()[:, 0]
         alike: dict[int, list[int]] = {}  # a group of several words shown alike -> its words
         for i in ids:
             if group[i] != i:
@@ -314,8 +319,8 @@ class WordIndex:
     def _keys(self, prefix: str) -> tuple[list[str], Tensor, str, str]:
         """The sorted words ``prefix`` is looked up in, their ids, the key and the case mode."""
         mode = case_mode(prefix)
-        keys, ids = self._sorted(mode)
-        return keys, ids, prefix if keys is self._exact[0] else prefix.lower(), mode
+        key = prefix if mode == "exact" and not self.folded else prefix.lower()
+        return *self._sorted(mode), key, mode
 
     def pool(self, prefix: str) -> tuple[str, int, int]:
         """The case mode of ``prefix`` and [lo, hi): where the words it matches (every
@@ -363,7 +368,8 @@ class WordIndex:
         """(B, V) log-probabilities, row b after the word ``after[b]`` -> (B, V)
         probabilities of the words that may be shown there: 0 for words never suggested
         and for clitics that cannot follow the row's word (``misfits``)."""
-        probs = log_probs.exp().masked_fill(~self.suggestable, 0.0)
+        probs = log_probs.exp()
+        probs[:, self._hidden] = 0.0
         misfits = [self.misfits(a) for a in after]
         counts = torch.tensor([m.numel() for m in misfits])
         if counts.any():
@@ -371,15 +377,22 @@ class WordIndex:
         return probs
 
     def merged(self, probs: Tensor, mode: str, ids: Tensor | None = None) -> Tensor:
-        """(B, V) probabilities (or (B, R), those of the words ``ids``) -> the same shape:
-        at the representative of each group of words shown alike (``groups[mode]``,
-        mode "next" or a case mode) the sum of its words' probabilities, 0 at its other
-        words. Mode "exact" merges nothing."""
+        """(B, V) probabilities, or (B, R) those of the words ``ids`` ((R,) or (B, R)),
+        -> the same shape: at the representative of each group of words shown alike
+        (``groups[mode]``, mode "next" or a case mode) the sum of its words'
+        probabilities, 0 at its other words. With ``ids``, a group counts the words of
+        it among them (a prefix's words hold whole groups: a group shares its lower-case
+        form). Mode "exact" merges nothing."""
         if mode == "exact":
             return probs
-        group = self.groups[mode] if ids is None else self.groups[mode][ids]
-        total = probs.new_zeros(probs.size(0), self.suggestable.numel()).index_add_(1, group, probs)
-        return total if ids is None else total[:, ids]
+        if ids is None:  # most words are a group of their own: move the others' mass only
+            others, reps = self._others[mode]
+            total = probs.clone().index_add_(1, reps, probs[:, others])
+            total[:, others] = 0.0
+            return total
+        ids = ids.expand_as(probs)
+        total = probs.new_zeros(probs.size(0), self.suggestable.numel())
+        return total.scatter_add_(1, self.groups[mode][ids], probs).gather(1, ids)
 
     def standing_for(self, probs: Tensor, groups: Tensor) -> Tensor:
         """(B, V) probabilities and (B, K) next-word groups -> (B, K): the word each
