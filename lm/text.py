@@ -65,14 +65,18 @@ def _chars(category_prefix: str) -> str:
 
 # Python's \w misses combining marks (Moses counts them as letters) and includes
 # numeric symbols such as "²" and "½" (Moses splits those off).
-# The zero-width non-joiner and joiner shape the letters around them: marks too.
-_MARKS, _NUM_SYMBOLS = re.escape(_chars("M") + "\u200c\u200d"), re.escape(_chars("No"))
+# The zero-width non-joiner and joiner shape the letters around them: marks too. The
+# variation selectors and the keycap mark belong to the emoji before them (_EMOJI), not
+# to a word, so an apostrophe after "❤️" is read as after "❤", on every pass.
+_EMOJI_MARKS = "".join(map(chr, range(0xFE00, 0xFE10))) + "\u20e3"
+_MARKS = re.escape("".join(c for c in _chars("M") if c not in _EMOJI_MARKS) + "\u200c\u200d")
+_NUM_SYMBOLS = re.escape(_chars("No"))
 _LETTER = rf"(?:(?![{_NUM_SYMBOLS}])[^\W\d_]|[{_MARKS}{_WORD_PH}])"
 _ALNUM = rf"(?:(?![{_NUM_SYMBOLS}])[^\W_]|[{_MARKS}{_WORD_PH}])"
 _CLITIC = rf"(?i:s|t|re|ve|ll|m|d)(?!{_LETTER})"
 
 # Bump RULES whenever pretokenize's output could change: token caches are keyed by it.
-RULES = 7
+RULES = 8
 # Controls (C0 and C1, but not the whitespace among them), the soft hyphen, direction
 # marks and embeddings, the word joiner and invisible operators: deleted.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufdd1]")
@@ -83,7 +87,7 @@ _ZWSP = "\u200b"
 _SYMBOL = rf"[^\w\s.'`,\-{_MARKS}{_WORD_PH}]"
 _RI = "\U0001F1E6-\U0001F1FF"
 _EMOJI = rf"{_SYMBOL}(?:(?<=[{_RI}])[{_RI}])?(?:[\uFE0E\uFE0F\u20E3\U0001F3FB-\U0001F3FF\U000E0020-\U000E007F]|\u200D(?![\x00-\x7f]){_SYMBOL})*"
-_SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|({_EMOJI}|[_{_NUM_SYMBOLS}])")
+_SPECIAL = re.compile(rf"(?<!\S)(@[-,.]@)(?!\S)|([0-9#*]\uFE0F?\u20E3|{_EMOJI}|[_{_NUM_SYMBOLS}])")  # keycaps too
 _EMAIL_AT = re.compile(r"@(?<=\w@)(?=\w)")
 # E-mail addresses and URLs stay whole (a trailing period, or a bracket they do not open,
 # is not theirs).
