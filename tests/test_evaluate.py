@@ -276,6 +276,7 @@ def test_host_summary_groups_samples_by_the_two_thread_probe():
 def test_bench_host_times_the_step_in_phases_beside_the_probes(tiny_corpus):
     from lm.bench import bench_host
 
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as in the bench's own child process, where it runs
     threads, affinity = torch.get_num_threads(), os.sched_getaffinity(0)
     r = bench_host(str(tiny_corpus), seconds=0, sample_s=0.05, emb=16, hidden=16, batch=4, bptt=8,
                    model={"emb_dim": 16, "hidden_dim": 16, "cutoffs": [10, 20]})
