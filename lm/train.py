@@ -356,8 +356,9 @@ def _train(cfg: Config, run_dir: Path, rank: int, world: int, *, resume: bool | 
         _barrier("while reading the data")
     if ckpt and ckpt.get("data") and (changed := _data_change(ckpt["data"], data_print)):  # (older: no record)
         raise DataError(f"the training data changed since {source} was saved ({changed}): resuming would not "
-                        f"continue the same run. Restore the text it was trained on ({dc.corpus}), or train on the "
-                        f"new text as a new run: lm train --run NEW_DIR (or --run {run_dir} --overwrite to replace "
+                        f"continue the same run. Restore the text it was trained on ({dc.corpus}) (for raw text, a "
+                        f"newer lm may also split it differently: then resume with the version that trained it), "
+                        f"or train on the text as a new run: lm train --run NEW_DIR (or --run {run_dir} --overwrite to replace "
                         "this one)")
     if train_ids.numel() < 2 * dc.batch_size:
         raise DataError(f"the training split has {train_ids.numel()} tokens, fewer than two per "
