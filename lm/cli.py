@@ -106,6 +106,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from lm.plot import plot_run
 
+    if args.out:  # the default, RUN/curves.png, is the plot's own
+        from lm.checkpoint import check_replaceable
+
+        check_replaceable(Path(args.out).expanduser(), "--out", "a PNG image",
+                                     lambda p: p.open("rb").read(8) == b"\x89PNG\r\n\x1a\n")
     out = plot_run(_run_folder(args.run), Path(args.out).expanduser() if args.out else None)
     print(f"wrote {out}")
     return 0
@@ -613,11 +618,22 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 # -- bench -------------------------------------------------------------------------------
 
+def _is_bench_result(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(d, dict) and "machine" in d  # every lm bench result names the machine
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from lm.bench import run
 
     if args.json:
         _check_output_path("--json", args.json)
+        from lm.checkpoint import check_replaceable
+
+        check_replaceable(args.json, "--json", "an earlier lm bench result", _is_bench_result)
     results = run(args.only, checkpoint=args.checkpoint)
     if args.json:
         try:

@@ -192,6 +192,23 @@ def test_bench_json_to_an_unwritable_place_fails_before_measuring(path, match, c
     assert len(err) == 1 and match in err[0]
 
 
+def test_bench_json_replaces_only_an_earlier_bench_result(tmp_path, capsys, monkeypatch):
+    import lm.bench
+    from lm.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    monkeypatch.setattr(lm.bench, "run", lambda *a, **k: pytest.fail("measured before checking --json"))
+    assert main(["bench", "--json", str(notes)]) == 2
+    assert "is a text file, not an earlier lm bench result" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"  # left as it was
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps({"machine": {"cpu": "x"}, "cache": {}}))
+    monkeypatch.setattr(lm.bench, "run", lambda *a, **k: {"machine": {"cpu": "y"}})
+    assert main(["bench", "--only", "cache", "--json", str(earlier)]) == 0
+    assert json.loads(earlier.read_text())["machine"] == {"cpu": "y"}  # an earlier result is replaced
+
+
 def test_bench_times_both_heads_side_by_side_on_the_same_data(tiny_corpus):
     from lm.bench import bench_train_heads
     from lm.train import native_bf16

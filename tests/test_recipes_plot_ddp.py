@@ -41,6 +41,11 @@ def test_plot_draws_a_png(tiny_run, tmp_path, capsys):
     out.unlink()
     assert main(["plot", str(tiny_run / "best.pt"), "--out", str(out)]) == 0  # a file in the run names it
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tiny_run), "--out", str(out)]) == 0  # an earlier plot is replaced
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture\n")
+    assert main(["plot", str(tiny_run), "--out", str(notes)]) == 2 and notes.read_text() == "not a picture\n"
+    assert "not a PNG image: it is left as it is" in capsys.readouterr().err
     capsys.readouterr()
     for bad, says in ((tmp_path / "no" / "such.png", "No such file"), (tmp_path / "curves.xyz", "use a .png")):
         assert main(["plot", str(tiny_run), "--out", str(bad)]) == 1
