@@ -106,7 +106,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from lm.plot import plot_run
 
-    if args.out:  # the default, RUN/curves.png, is the plot's own
+    if args.out and Path(args.out).expanduser().is_file():  # (the default, RUN/curves.png, is the plot's own)
         from lm.checkpoint import check_replaceable
 
         check_replaceable(Path(args.out).expanduser(), "--out", "a PNG image",
