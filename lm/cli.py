@@ -106,12 +106,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from lm.plot import plot_run
 
-    if args.out and Path(args.out).expanduser().is_file():  # (the default, RUN/curves.png, is the plot's own)
+    target = Path(args.out).expanduser() if args.out else None  # None: RUN/curves.png, the plot's own
+    if target and target.is_file():  # (a folder gets plot_run's own message, naming curves.png in it)
         from lm.checkpoint import check_replaceable
 
-        check_replaceable(Path(args.out).expanduser(), "--out", "a PNG image",
-                                     lambda p: p.open("rb").read(8) == b"\x89PNG\r\n\x1a\n")
-    out = plot_run(_run_folder(args.run), Path(args.out).expanduser() if args.out else None)
+        check_replaceable(target, "--out", "a PNG image", lambda p: p.open("rb").read(8) == b"\x89PNG\r\n\x1a\n")
+    out = plot_run(_run_folder(args.run), target)
     print(f"wrote {out}")
     return 0
 
